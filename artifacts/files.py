@@ -1,0 +1,104 @@
+"""Atomic, checksummed files: every artifact is written to a temporary sibling, fsynced, renamed,
+and verified against its sha256 before a later stage reads it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from PIL.Image import Image
+
+
+class ArtifactError(RuntimeError):
+    """A persisted artifact is missing, truncated, corrupted or not what the caller expects."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> str:
+    """Write `data` to `path` so that no reader ever sees a partial file; return its sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return sha256_bytes(data)
+
+
+def verify_file(path: str | Path, sha256: str) -> bytes:
+    """Return the bytes of `path` if their sha256 is `sha256`, else raise ArtifactError naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact {path} is missing") from None
+    actual = sha256_bytes(data)
+    if actual != sha256:
+        raise ArtifactError(f"artifact {path} is corrupted: sha256 {actual[:12]}… != recorded {sha256[:12]}…")
+    return data
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Save tensors as safetensors with string metadata (what produced them); return the sha256."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    return atomic_write_bytes(path, data)
+
+
+def load_tensors(
+    path: str | Path, sha256: str, expect: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Verify and load a safetensors artifact; `expect` lists metadata fields that must match."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    data = verify_file(path, sha256)
+    tensors = load(data)
+    with safe_open(str(path), framework="pt") as f:  # verified above; read only the header here
+        metadata = f.metadata() or {}
+    for key, value in (expect or {}).items():
+        if metadata.get(key) != str(value):
+            raise ArtifactError(f"artifact {path} has {key}={metadata.get(key)!r}, expected {str(value)!r}")
+    return tensors, metadata
+
+
+def save_png(path: str | Path, image: Image, metadata: dict[str, str] | None = None) -> str:
+    """Save a PIL image as PNG (with text chunks for `metadata`) atomically; return the sha256."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return atomic_write_bytes(path, buffer.getvalue())

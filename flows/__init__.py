@@ -1,0 +1,1 @@
+"""Prefect flows: they orchestrate stages, and never load model weights themselves."""

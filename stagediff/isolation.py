@@ -1,0 +1,184 @@
+"""Run a stage function in a fresh OS process that exits when the stage ends.
+
+Children are forked from a `forkserver` that has already imported torch, diffusers and transformers
+and has never touched an accelerator, so a stage starts in a fraction of a second instead of paying
+a full import, and all of its memory (host and device) goes back to the OS when it exits.
+`STAGEDIFF_START_METHOD=spawn` starts each stage from a fresh interpreter instead.
+
+The child sends its log records and, at the end, its result (or its error) through a pipe; the
+parent re-emits the records on its own logger, so a stage's logs show in the Prefect task run. A
+second pipe watches the parent: if the parent dies (kill -9, cancel), the child exits too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import resource
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Imported by the forkserver once, before any stage is forked from it.
+PRELOAD_MODULES = ["stagediff.preload"]
+START_METHODS = ("forkserver", "spawn")
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage failed inside its process (the message carries the child's error) or its process died."""
+
+
+@dataclass
+class ProcessStats:
+    pid: int
+    seconds: float  # wall time from asking for the process to receiving its result
+    startup_seconds: float  # from asking for the process to the child running our code
+    peak_rss_mb: float  # the child's peak resident set size (VmHWM)
+    cuda_max_memory_allocated_mb: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def start_method() -> str:
+    method = os.environ.get("STAGEDIFF_START_METHOD", "forkserver")
+    if method not in START_METHODS:
+        raise ValueError(f"STAGEDIFF_START_METHOD={method!r} is not one of {', '.join(START_METHODS)}")
+    if method == "forkserver" and "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"  # e.g. Windows
+    return method
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context(start_method())
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD_MODULES)
+    return ctx
+
+
+def warm_up() -> None:
+    """Start the forkserver now (it imports the heavy libraries in the background)."""
+    if start_method() == "forkserver":
+        _context()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+class _PipeHandler(logging.Handler):
+    def __init__(self, conn: multiprocessing.connection.Connection, lock: threading.Lock) -> None:
+        super().__init__()
+        self.conn, self.send_lock = conn, lock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with self.send_lock:
+                self.conn.send(("log", record.levelno, record.name, record.getMessage()))
+        except Exception:
+            pass
+
+
+def _watch_parent(parent_alive: multiprocessing.connection.Connection) -> None:
+    try:
+        parent_alive.recv()  # returns only if the parent sends, raises EOFError when it dies
+    except (EOFError, OSError):
+        pass
+    os._exit(70)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _child_main(
+    target: str,
+    args: tuple,
+    conn: multiprocessing.connection.Connection,
+    parent_alive: multiprocessing.connection.Connection,
+) -> None:
+    started = time.time()
+    threading.Thread(target=_watch_parent, args=(parent_alive,), daemon=True).start()
+    lock = threading.Lock()
+    root = logging.getLogger()
+    root.handlers[:] = [_PipeHandler(conn, lock)]
+    root.setLevel(logging.INFO)
+    try:
+        result = _resolve(target)(*args)
+        message = ("ok", result)
+    except BaseException as exc:
+        message = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    cuda_mb = None
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+    with lock:
+        conn.send(("stats", started, _peak_rss_mb(), cuda_mb))
+        conn.send(message)
+    conn.close()
+
+
+def run_isolated(
+    target: str, *args: Any, name: str, logger: logging.Logger | logging.LoggerAdapter | None = None
+) -> tuple[Any, ProcessStats]:
+    """Run `target(*args)` in a fresh process; return its result and the process' stats.
+
+    `target` is "module:function", imported in the child only (the caller never imports torch), and
+    `args` are picklable. Raises StageError if the stage raises or its process dies.
+    """
+    logger = logger or log
+    ctx = _context()
+    recv, send = ctx.Pipe(duplex=False)
+    alive_recv, alive_send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child_main, args=(target, args, send, alive_recv), name=f"stagediff-{name}", daemon=False)
+    t0 = time.time()
+    process.start()
+    send.close()
+    alive_recv.close()
+    started, peak_rss_mb, cuda_mb, outcome = t0, 0.0, None, None
+    try:
+        while outcome is None:
+            try:
+                message = recv.recv()
+            except EOFError:
+                break
+            if message[0] == "log":
+                _, level, logger_name, text = message
+                logger.log(level, "[%s] %s", name, text)
+            elif message[0] == "stats":
+                _, started, peak_rss_mb, cuda_mb = message
+            else:
+                outcome = message
+        process.join()
+    finally:
+        alive_send.close()  # tells the child's watchdog to exit if it is still there
+        if process.is_alive():
+            process.kill()
+            process.join()
+        recv.close()
+    stats = ProcessStats(
+        pid=process.pid,
+        seconds=round(time.time() - t0, 4),
+        startup_seconds=round(started - t0, 4),
+        peak_rss_mb=round(peak_rss_mb, 1),
+        cuda_max_memory_allocated_mb=None if cuda_mb is None else round(cuda_mb, 1),
+    )
+    if outcome is None:
+        raise StageError(f"{name} stage process {process.pid} died with exit code {process.exitcode}")
+    if outcome[0] == "error":
+        logger.debug("%s stage traceback:\n%s", name, outcome[2])
+        raise StageError(f"{name} stage failed: {outcome[1]}")
+    return outcome[1], stats

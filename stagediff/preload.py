@@ -1,0 +1,13 @@
+"""Imported once by the stage forkserver so that forked stages start without paying for imports.
+
+Import only; never touch an accelerator here (CUDA must not be initialised before a fork).
+"""
+
+import PIL.Image  # noqa: F401
+import safetensors.torch  # noqa: F401
+import torch  # noqa: F401
+from accelerate import init_empty_weights  # noqa: F401
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: F401
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer  # noqa: F401
+
+import stagediff.stages  # noqa: F401
