@@ -69,7 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         placement={"max_memory": args.max_memory, "offload_dir": args.offload_dir}, out=args.out,
         run_id=args.run_id or new_run_id(),
     )  # fmt: skip
-    request = validate_request(**fields, model=args.model or str(default_model_dir()), check_model=args.model is not None)
+    model = args.model or str(default_model_dir())
+    request = validate_request(**fields, model=model, check_model=args.model is not None)
     open_manifest(request)  # refuses a run id that holds a different run, before any work
 
     from stagediff.isolation import warm_up
@@ -87,7 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run_dir = request.run_dir
     print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
     for stage, info in manifest["stages"].items():
-        print(f"  {stage:8s} pid {info.get('pid')}  {info.get('seconds', 0):7.2f} s  peak RSS {info.get('peak_rss_mb', 0):7.0f} MB")
+        seconds, rss = info.get("seconds", 0), info.get("peak_rss_mb", 0)
+        print(f"  {stage:8s} pid {info.get('pid')}  {seconds:7.2f} s  peak RSS {rss:7.0f} MB")
     return 0
 
 

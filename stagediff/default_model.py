@@ -14,8 +14,9 @@ DEFAULT_MODEL_NAME = "tiny-flux-v1"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("STAGEDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stagediff"
-    return Path(root)
+    if os.environ.get("STAGEDIFF_CACHE"):
+        return Path(os.environ["STAGEDIFF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stagediff"
 
 
 def default_model_dir() -> Path:

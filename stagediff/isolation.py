@@ -12,6 +12,7 @@ second pipe watches the parent: if the parent dies (kill -9, cancel), the child 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing
@@ -88,10 +89,8 @@ class _PipeHandler(logging.Handler):
 
 
 def _watch_parent(parent_alive: multiprocessing.connection.Connection) -> None:
-    try:
-        parent_alive.recv()  # returns only if the parent sends, raises EOFError when it dies
-    except (EOFError, OSError):
-        pass
+    with contextlib.suppress(EOFError, OSError):
+        parent_alive.recv()  # returns only if the parent sends; raises EOFError when it dies
     os._exit(70)
 
 
@@ -143,7 +142,7 @@ def run_isolated(
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
     alive_recv, alive_send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child_main, args=(target, args, send, alive_recv), name=f"stagediff-{name}", daemon=False)
+    process = ctx.Process(target=_child_main, args=(target, args, send, alive_recv), name=f"stagediff-{name}")
     t0 = time.time()
     process.start()
     send.close()
@@ -156,7 +155,7 @@ def run_isolated(
             except EOFError:
                 break
             if message[0] == "log":
-                _, level, logger_name, text = message
+                _, level, _, text = message
                 logger.log(level, "[%s] %s", name, text)
             elif message[0] == "stats":
                 _, started, peak_rss_mb, cuda_mb = message

@@ -45,7 +45,10 @@ def parse_max_memory(value: str | dict[str, Any] | None) -> dict[str, str] | Non
     """Parse "0=16GiB,1=16GiB,cpu=64GiB" (or a mapping) into {"0": "16GiB", ..., "cpu": "64GiB"}."""
     if value is None or value == "" or value == {}:
         return None
-    allowed = 'device=size pairs such as "0=16GiB,1=16GiB,cpu=64GiB" (devices: GPU index or cpu; sizes in B/KB/MB/GB/KiB/MiB/GiB)'
+    allowed = (
+        'device=size pairs such as "0=16GiB,1=16GiB,cpu=64GiB" '
+        "(devices: GPU index or cpu; sizes in B/KB/MB/GB/KiB/MiB/GiB)"
+    )
     if isinstance(value, str):
         pairs = [part.split("=", 1) for part in value.split(",")]
         if any(len(pair) != 2 for pair in pairs):
@@ -65,7 +68,7 @@ def check_model_dir(model: str) -> dict[str, Any]:
     """Check that `model` is a local diffusers pipeline folder we can run; return its model_index.json."""
     path = Path(model)
     if not path.is_dir():
-        raise RequestError("model", model, "must be an existing diffusers pipeline folder (or a Hub id in the local cache)")
+        raise RequestError("model", model, "must be an existing diffusers pipeline folder or a reachable Hub id")
     index_path = path / "model_index.json"
     try:
         index = json.loads(index_path.read_text())
@@ -73,14 +76,17 @@ def check_model_dir(model: str) -> dict[str, Any]:
         raise RequestError("model", model, "is not a diffusers pipeline: no readable model_index.json") from None
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     if class_name not in SUPPORTED_PIPELINES:
-        raise RequestError("model", model, f"pipeline class {class_name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
+        raise RequestError(
+            "model", model, f"pipeline {class_name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}"
+        )
     for component in REQUIRED_COMPONENTS[class_name]:
         entry = index.get(component)
         folder = path / component
         if not entry or entry[0] is None or not folder.is_dir() or not any(folder.iterdir()):
             raise RequestError("model", model, f"component {component!r} is missing from the pipeline folder")
         if component in WEIGHTED_COMPONENTS and not any(folder.glob("*.safetensors")):
-            raise RequestError("model", model, f"component {component!r} has no .safetensors weights (other formats are refused)")
+            allowed = f"component {component!r} has no .safetensors weights (pickled weights are refused)"
+            raise RequestError("model", model, allowed)
     return index
 
 
@@ -124,7 +130,7 @@ class GenerateRequest(BaseModel):
     guidance: float = Field(default=3.5, description="Guidance scale (distilled guidance for FLUX.1-dev).")
     height: int = Field(default=1024, description="Image height in pixels, a multiple of 16.")
     width: int = Field(default=1024, description="Image width in pixels, a multiple of 16.")
-    seed: int = Field(default=0, description="Prompt i gets its noise from torch.Generator('cpu').manual_seed(seed + i).")
+    seed: int = Field(default=0, description="Prompt i gets its noise from Generator('cpu').manual_seed(seed + i).")
     max_sequence_length: int = Field(default=512, description="T5 tokens per prompt (1..512).")
     batch_size: int = Field(default=1, description="Prompts per forward pass in each stage.")
     dtype: Dtype = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")

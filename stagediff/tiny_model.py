@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 
 # Words that get their own Unigram piece in the T5 vocabulary; everything else falls back to characters.
-_T5_WORDS = ["a", "an", "the", "of", "and", "in", "on", "with", "dog", "cat", "photo", "portrait", "city", "night", "red", "blue", "green", "forest", "sky"]
+_T5_WORDS = [
+    *("a", "an", "the", "of", "and", "in", "on", "with", "dog", "cat", "photo", "portrait"),
+    *("city", "night", "red", "blue", "green", "forest", "sky"),
+]
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def build_components(config: TinyFluxConfig) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if sum(config.axes_dims_rope) != config.attention_head_dim:
-        raise ValueError(f"axes_dims_rope={config.axes_dims_rope} must sum to attention_head_dim={config.attention_head_dim}")
+        raise ValueError(f"axes_dims_rope={config.axes_dims_rope} must sum to {config.attention_head_dim}")
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
 
     torch.manual_seed(config.seed)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 import stagediff
-from stagediff.spec import StageContext
+from artifacts import load_tensors
+from stagediff.spec import ItemRef, StageContext
 
 log = logging.getLogger("stagediff.stages")
 
@@ -66,6 +67,11 @@ def device_map_of(obj: Any) -> dict[str, str] | None:
 
 def run_path(ctx: StageContext, relative: str) -> Path:
     return Path(ctx.run_dir) / relative
+
+
+def load_item(ctx: StageContext, ref: ItemRef) -> dict[str, torch.Tensor]:
+    """An earlier stage's tensors for one item, verified against its sha256 and provenance."""
+    return load_tensors(run_path(ctx, ref.path), ref.sha256, {"model": ctx.model, "index": ref.index})[0]
 
 
 def quiet_progress_bars() -> None:

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from artifacts import load_tensors, save_png
+from artifacts import save_png
 from stagediff.family import family_for
-from stagediff.stages.common import ItemRef, StageContext, accelerator_count, batches, log, run_path, torch_dtype
+from stagediff.stages.common import (
+    ItemRef,
+    StageContext,
+    accelerator_count,
+    batches,
+    load_item,
+    log,
+    run_path,
+    torch_dtype,
+)
 
 
 def load_vae(ctx: StageContext):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(
-        ctx.model, subfolder="vae", dtype=torch_dtype(ctx.dtype), use_safetensors=True
-    )
+    vae = AutoencoderKL.from_pretrained(ctx.model, subfolder="vae", dtype=torch_dtype(ctx.dtype), use_safetensors=True)
     return vae.to("cuda" if accelerator_count() else "cpu")
 
 
@@ -30,9 +37,7 @@ def decode(ctx: StageContext, items: list[ItemRef], height: int, width: int) -> 
     log.info("vae loaded on %s", vae.device)
     refs: list[ItemRef] = []
     for chunk in batches(items, ctx.batch_size):
-        latents = torch.stack(
-            [load_tensors(run_path(ctx, ref.path), ref.sha256, {"model": ctx.model, "index": ref.index})[0]["latents"] for ref in chunk]
-        )
+        latents = torch.stack([load_item(ctx, ref)["latents"] for ref in chunk])
         latents = family.latents_for_vae(latents, vae.config, height, width).to(vae.device, vae.dtype)
         images = processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
         for ref, image in zip(chunk, images, strict=True):

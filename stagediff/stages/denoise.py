@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from artifacts import load_tensors, save_tensors
+from artifacts import save_tensors
 from stagediff.family import family_for, vae_scale_factor
 from stagediff.stages.common import (
     ItemRef,
@@ -15,6 +15,7 @@ from stagediff.stages.common import (
     accelerator_count,
     batches,
     device_map_of,
+    load_item,
     log,
     metadata,
     run_path,
@@ -71,10 +72,7 @@ def denoise(
     refs: list[ItemRef] = []
     chunks = batches(items, ctx.batch_size)
     for n, chunk in enumerate(chunks, 1):
-        loaded = [
-            load_tensors(run_path(ctx, ref.path), ref.sha256, {"model": ctx.model, "index": ref.index})[0]
-            for ref, _ in chunk
-        ]
+        loaded = [load_item(ctx, ref) for ref, _ in chunk]
         embeddings = {name: torch.stack([t[name] for t in loaded]) for name in loaded[0]}
         # One generator per item: prompt i's noise never depends on its batch.
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
@@ -97,5 +95,6 @@ def denoise(
             meta = metadata(
                 ctx, "denoise", index=ref.index, seed=seed, steps=steps, guidance=guidance, height=height, width=width
             )
-            refs.append(ItemRef(ref.index, relative, save_tensors(run_path(ctx, relative), {"latents": latents[row]}, meta)))
+            sha256 = save_tensors(run_path(ctx, relative), {"latents": latents[row]}, meta)
+            refs.append(ItemRef(ref.index, relative, sha256))
     return {"items": refs, "device_map": device_map}
