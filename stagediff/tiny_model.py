@@ -61,7 +61,7 @@ def _t5_tokenizer():
     pieces += [("\u2581" + w, -3.0) for w in _T5_WORDS]
     for c in string.ascii_letters + string.digits + string.punctuation:
         pieces += [("\u2581" + c, -6.0), (c, -5.0)]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def build_components(config: TinyFluxConfig) -> dict:
@@ -164,6 +164,7 @@ def build_tiny_flux(out_dir: str | Path, config: TinyFluxConfig | None = None) -
     try:
         FluxPipeline(**build_components(config)).save_pretrained(tmp, safe_serialization=True)
         (tmp / "stagediff_tiny.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -1,0 +1,38 @@
+# Everyday targets. `make demo` and `make test` are the README's two set-up commands.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+.PHONY: install demo test test-all lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## a real generation through Prefect on the embedded tiny model
+	$(VENV)/bin/stagediff generate --prompt "a dog" --prompt "a cat" --steps 2 --height 64 --width 64 \
+		--seed 7 --max-sequence-length 32 --batch-size 2 --out outputs --run-id demo
+
+test: install  ## the CPU test suite (what CI runs)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -q
+
+test-all: install  ## also the opt-in slow tests
+	$(VENV)/bin/pytest -q -m "slow or not slow"
+
+lint:
+	$(VENV)/bin/ruff check .
+
+format:
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,36 @@
+"""Shared fixtures: one Prefect test server for the session, tiny models built once, a throwaway cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stagediff_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the default-model cache of the tests out of the user's home."""
+    path = tmp_path_factory.mktemp("stagediff-cache")
+    os.environ["STAGEDIFF_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect server (temporary database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny Flux model, written to disk once."""
+    from stagediff.tiny_model import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
