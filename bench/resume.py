@@ -1,0 +1,100 @@
+"""Resume after a crash: `stagediff generate` on the mid-sized model, its denoise process killed
+(SIGKILL) mid-run, then the same command again (it verifies the persisted embeddings and runs only
+denoise and decode). Compared with the remaining work alone: a fresh process that runs just the
+denoise and decode stages from those embeddings, with no orchestration.
+
+    python -m bench.resume [--repeats 3] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import median, prefect_api, print_table, timed_run, write_json
+from bench.models import mid_flux
+
+PROMPTS = ["a red fox in a forest, photo", "a city at night", "a lantern in the rain", "a robot portrait"]
+SETTINGS = ["--steps", "4", "--height", "128", "--width", "128", "--max-sequence-length", "64", "--batch-size", "2"]
+
+REMAINING_SCRIPT = """
+import json, sys
+from pathlib import Path
+from stagediff.stages import ItemRef, StageContext, decode, denoise
+run_dir = Path(sys.argv[1])
+manifest = json.loads((run_dir / "manifest.json").read_text())
+ctx = StageContext(model=manifest["model"], run_dir=str(run_dir), dtype="auto", batch_size=2)
+refs = [(ItemRef(i["index"], i["embeddings"], i["sha256"]["embeddings"]), i["seed"]) for i in manifest["items"]]
+latents = denoise(ctx, refs, 4, 3.5, 128, 128, 64)["items"]
+decode(ctx, latents, 128, 128)
+"""
+
+
+def find_stage_process(stage: str, timeout: float = 300) -> int:
+    """The pid of the running stage process (processes are named stagediff-<stage>, 15 chars max)."""
+    name = f"stagediff-{stage}"[:15]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for comm in Path("/proc").glob("[0-9]*/comm"):
+            try:
+                if comm.read_text().strip() == name:
+                    return int(comm.parent.name)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise TimeoutError(f"no {name} process appeared")
+
+
+def crash_in_denoise(cli: list[str], env: dict[str, str], after: float) -> None:
+    proc = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = find_stage_process("denoise")
+    time.sleep(after)
+    os.kill(pid, signal.SIGKILL)
+    if proc.wait(timeout=300) == 0:
+        raise RuntimeError("the run survived its denoise process being killed")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kill-after", type=float, default=1.0, help="seconds into the denoise stage")
+    parser.add_argument("--json")
+    parser.add_argument("--api-url")
+    args = parser.parse_args(argv)
+
+    model = mid_flux()
+    runs: dict[str, list[float]] = {"resumed": [], "remaining_alone": []}
+    skipped_encode = []
+    with tempfile.TemporaryDirectory(prefix="stagediff-bench-") as tmp, prefect_api(args.api_url) as api_url:
+        env = {**os.environ, "PREFECT_API_URL": api_url}
+        for r in range(args.repeats):
+            out = Path(tmp)
+            cli = [sys.executable, "-m", "stagediff.cli", "generate", "--model", str(model), *SETTINGS]
+            cli += [arg for p in PROMPTS for arg in ("--prompt", p)] + ["--out", str(out), "--run-id", f"r{r}"]
+            crash_in_denoise(cli, env, args.kill_after)
+            runs["remaining_alone"].append(
+                round(timed_run([sys.executable, "-c", REMAINING_SCRIPT, str(out / f"r{r}")], env=env), 3)
+            )
+            runs["resumed"].append(round(timed_run(cli, env=env), 3))
+            manifest = json.loads((out / f"r{r}" / "manifest.json").read_text())
+            assert manifest["status"] == "completed"
+            skipped_encode.append(manifest["stages"]["encode"].get("skipped", False))
+
+    resumed, alone = median(runs["resumed"]), median(runs["remaining_alone"])
+    rows = [["resumed run (CLI, server running)", resumed], ["remaining work alone", alone]]
+    rows.append(["ratio", round(resumed / alone, 3)])
+    print_table(f"Resume after denoise was killed, median of {args.repeats}", ["measure", "seconds"], rows)
+    payload = {"runs": runs, "encode_skipped": skipped_encode, "ratio_median": round(resumed / alone, 3)}
+    write_json(args.json, "resume", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
