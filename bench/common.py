@@ -76,8 +76,15 @@ def prefect_api(api_url: str | None) -> Iterator[str]:
     """A Prefect API URL: the given one, $PREFECT_API_URL, or a temporary local server for the benchmark."""
     url = api_url or os.environ.get("PREFECT_API_URL")
     if url:
+        before = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = url
-        yield url
+        try:
+            yield url
+        finally:
+            if before is None:
+                os.environ.pop("PREFECT_API_URL")
+            else:
+                os.environ["PREFECT_API_URL"] = before
         return
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
