@@ -74,8 +74,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     open_manifest(request)  # refuses a run id that holds a different run, before any work
 
     from stagediff.isolation import warm_up
+    from stagediff.prefect_api import choose_api
 
     warm_up()  # the stage forkserver imports torch while Prefect starts
+    choose_api()
     from flows.generate import generate
 
     manifest = generate(

@@ -109,3 +109,17 @@ def test_console_script_exits_2_before_importing_torch(tmp_path: Path) -> None:
         proc.stderr.strip() == "stagediff: error: invalid height=65: must be a positive multiple of 16 (at most 16384)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_prefect_api_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stagediff import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "profiles.toml"))
+    assert prefect_api.configured_api_url() is None
+    (tmp_path / "profiles.toml").write_text(
+        'active = "work"\n[profiles.work]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n'
+    )
+    assert prefect_api.configured_api_url() == "http://127.0.0.1:9/api"
+    assert not prefect_api.server_is_up("http://127.0.0.1:9/api", timeout=0.2)  # nothing listens on port 9
