@@ -3,6 +3,12 @@
 Import only; never touch an accelerator here (CUDA must not be initialised before a fork).
 """
 
+import os
+
+# Ask NVML, not the CUDA driver, whether CUDA exists: then no import below can initialise CUDA
+# in the forkserver (a forked child could not use it).
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 import PIL.Image  # noqa: F401
 import safetensors.torch  # noqa: F401
 import torch  # noqa: F401

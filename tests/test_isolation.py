@@ -1,0 +1,61 @@
+"""Stage processes: fresh, reported, cleaned up, and never outliving the process that asked for them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stagediff.isolation import StageError, run_isolated
+
+
+def find_process(name: str, timeout: float = 60) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for comm in Path("/proc").glob("[0-9]*/comm"):
+            try:
+                if comm.read_text().strip() == name:
+                    return int(comm.parent.name)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise TimeoutError(name)
+
+
+def test_result_stats_and_a_fresh_process() -> None:
+    pid, stats = run_isolated("os:getpid", name="getpid")
+    assert pid == stats.pid != os.getpid()
+    assert stats.seconds >= stats.startup_seconds >= 0 and stats.peak_rss_mb > 0
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_the_forkserver_never_initialises_cuda() -> None:
+    initialised, _ = run_isolated("torch.cuda:is_initialized", name="cuda")
+    assert initialised is False
+
+
+def test_errors_and_deaths_become_stage_errors() -> None:
+    with pytest.raises(StageError, match=r"boom stage failed: FileNotFoundError"):
+        run_isolated("os:listdir", "/no/such/dir", name="boom")
+    with pytest.raises(StageError, match=r"exit stage process \d+ died with exit code 3"):
+        run_isolated("os:_exit", 3, name="exit")
+
+
+def test_stage_process_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
+    code = "from stagediff.isolation import run_isolated; run_isolated('time:sleep', 120, name='sleep')"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        child = find_process("stagediff-sleep")
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.time() + 10
+        while Path(f"/proc/{child}").exists() and "zombie" not in Path(f"/proc/{child}/status").read_text():
+            assert time.time() < deadline, "the stage process outlived its parent"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
