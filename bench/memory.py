@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
     keys = ("encode", "denoise", "decode", "flow process", "forkserver", "largest process")
     rows += [["stagediff", s, med("stagediff", s)] for s in keys]
     print(f"model: {model} {component_sizes(model)} MB; {args.size}x{args.size}, {args.steps} steps, 2 prompts")
-    print_table(f"Peak RSS (MB), median of {args.repeats}", ["way", "process / stage", "peak RSS MB"], rows)
+    header = ["way", "process / stage", "peak RSS MB"]
+    if any(run["process"]["cuda_mb"] is not None for run in runs["all-loaded"]):  # on CUDA: device peaks too
+        ways = ["all-loaded"] + ["seed-recipe"] * 4 + ["stagediff"] * len(keys)
+        for row, way in zip(rows, ways, strict=True):
+            row.append(med(way, row[1], "cuda_mb") if row[1] in runs[way][0] else "")
+        header.append("cuda max allocated MB")
+    print_table(f"Peak RSS (MB), median of {args.repeats}", header, rows)
     largest_stage = max(med("stagediff", s) for s in ("encode", "denoise", "decode"))
     ratios = {
         "largest_process_over_largest_stage": round(med("stagediff", "largest process") / largest_stage, 3),
