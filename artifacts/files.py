@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +92,28 @@ def load_tensors(
         if metadata.get(key) != str(value):
             raise ArtifactError(f"artifact {path} has {key}={metadata.get(key)!r}, expected {str(value)!r}")
     return tensors, metadata
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata in a safetensors file's header, read without torch; ValueError if unreadable."""
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a safetensors file: {exc}") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def png_metadata(data: bytes) -> dict[str, str]:
+    """The text chunks of a PNG; ValueError if it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return dict(getattr(image, "text", {}))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"not a PNG file: {exc}") from None
 
 
 def save_png(path: str | Path, image: Image, metadata: dict[str, str] | None = None) -> str:

@@ -1,5 +1,7 @@
 """The `generate` flow: encode -> denoise -> decode, each stage in its own OS process, handing
-the next one checksummed safetensors files; the run is described by `OUT/RUN/manifest.json`."""
+the next one checksummed safetensors files through a content-addressed store shared by runs.
+A stage computes only what the store lacks, and starts no process when it lacks nothing; the run
+is described by `OUT/RUN/manifest.json`, whose files are links to the store's objects."""
 
 from __future__ import annotations
 
@@ -8,12 +10,25 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from artifacts import write_manifest
+from artifacts import Store, write_manifest
 from stagediff.default_model import default_model_dir, ensure_default_model
+from stagediff.keys import item_keys, resolve_dtype
 from stagediff.request import Dtype, validate_request
-from stagediff.runs import new_run_id, open_manifest, record, reuse
+from stagediff.runs import check_store, keys_of, missing, new_run_id, open_manifest, plan, record
 from stagediff.spec import StageContext
 from tasks import decode_task, denoise_task, encode_task
+
+
+def stage_todo(manifest: dict[str, Any], store: Store, stage: str, strict: bool) -> tuple[list[int], dict[int, str]]:
+    """The items the stage has to compute; damaged artifacts are logged (or stop the run with `strict`)."""
+    todo, damaged = missing(manifest, store, stage, strict)
+    for problem in damaged.values():
+        get_run_logger().warning("%s; computing it again", problem)
+    if todo:
+        get_run_logger().info("%s: %d of %d items to compute", stage, len(todo), len(manifest["items"]))
+    else:
+        get_run_logger().info("%s: all %d items in the store, no process started", stage, len(manifest["items"]))
+    return todo, damaged
 
 
 @flow(name="generate", log_prints=True)
@@ -33,6 +48,8 @@ def generate(
     out: str = "outputs",
     run_id: str | None = None,
     retries: int = 0,
+    store: str | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Generate one image per prompt through three process-isolated stages.
 
@@ -52,6 +69,8 @@ def generate(
         out: Output root; this run writes under OUT/RUN_ID/.
         run_id: Plain name of the run folder; a new one is made when empty.
         retries: Retries of a failed stage.
+        store: Artifact store shared by runs, a folder or fsspec URL; empty means OUT/.store.
+        strict: Stop at a damaged artifact in the store instead of recomputing it with a warning.
     """
     logger = get_run_logger()
     # 1. Check inputs (before any model is built or loaded, and before anything is written)
@@ -61,42 +80,58 @@ def generate(
         placement={"max_memory": max_memory, "offload_dir": offload_dir}, out=out, run_id=run_id or new_run_id(),
     )  # fmt: skip
     validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)
+    store_location = check_store(store, out)
     request = validate_request(**fields, model=model or str(ensure_default_model()))
     run_dir = request.run_dir
     manifest = open_manifest(request)
+    dtype = resolve_dtype(request.dtype)
+    # 2. Name every artifact by its content key; the store may hold some already
+    artifact_store = Store(store_location)
+    plan(manifest, item_keys(request, dtype), artifact_store)
     manifest.update(status="running", flow_pid=os.getpid())
     write_manifest(run_dir, manifest)
-    logger.info("run %s: %d prompts -> %s", request.run_id, len(request.prompts), request.run_dir)
+    artifact_store.register_run(run_dir / "manifest.json")
+    logger.info("run %s: %d prompts -> %s (store %s)", request.run_id, len(request.prompts), run_dir, store_location)
 
     ctx = StageContext(
         model=request.model,
         run_dir=str(request.run_dir),
-        dtype=request.dtype,
+        dtype=dtype,
         batch_size=request.batch_size,
         max_memory=request.placement.max_memory,
         offload_dir=request.placement.offload_dir,
+        store=store_location,
+        pause_after_batch=float(os.environ.get("STAGEDIFF_TEST_BATCH_DELAY", 0)),
     )
     try:
-        # 2. Encode prompts -> embeddings
-        embeddings = reuse(manifest, run_dir, "encode", upstream_ran=False)
-        ran = embeddings is None
-        if ran:
-            prompts_ = list(enumerate(request.prompts))
-            result = encode_task.with_options(retries=retries)(ctx, prompts_, request.max_sequence_length)
-            embeddings = record(manifest, run_dir, "encode", result)
-        # 3. Denoise embeddings + seeded noise -> latents
-        latents = reuse(manifest, run_dir, "denoise", upstream_ran=ran)
-        ran = ran or latents is None
-        if latents is None:
-            items = [(ref, request.seed_of(ref.index)) for ref in embeddings]
-            result = denoise_task.with_options(retries=retries)(
-                ctx, items, request.steps, request.guidance, request.height, request.width, request.max_sequence_length
+        # 3. Encode prompts -> embeddings
+        todo, damaged = stage_todo(manifest, artifact_store, "encode", strict)
+        result = None
+        if todo:
+            prompts_ = [(i, request.prompts[i]) for i in todo]
+            result = encode_task.with_options(retries=retries)(
+                ctx, prompts_, request.max_sequence_length, keys_of(manifest, "encode", todo)
             )
-            latents = record(manifest, run_dir, "denoise", result)
-        # 4. Decode latents -> PNG images
-        if reuse(manifest, run_dir, "decode", upstream_ran=ran) is None:
-            result = decode_task.with_options(retries=retries)(ctx, latents, request.height, request.width)
-            record(manifest, run_dir, "decode", result)
+        embeddings = record(manifest, run_dir, artifact_store, "encode", todo, damaged, result)
+        # 4. Denoise embeddings + seeded noise -> latents
+        todo, damaged = stage_todo(manifest, artifact_store, "denoise", strict)
+        result = None
+        if todo:
+            items = [(embeddings[i], request.seed_of(i)) for i in todo]
+            result = denoise_task.with_options(retries=retries)(
+                ctx, items, request.steps, request.guidance, request.height, request.width,
+                request.max_sequence_length, keys_of(manifest, "denoise", todo),
+            )  # fmt: skip
+        latents = record(manifest, run_dir, artifact_store, "denoise", todo, damaged, result)
+        # 5. Decode latents -> PNG images
+        todo, damaged = stage_todo(manifest, artifact_store, "decode", strict)
+        result = None
+        if todo:
+            items = [latents[i] for i in todo]
+            result = decode_task.with_options(retries=retries)(
+                ctx, items, request.height, request.width, keys_of(manifest, "decode", todo)
+            )
+        record(manifest, run_dir, artifact_store, "decode", todo, damaged, result)
     except BaseException as exc:
         manifest["status"] = "failed"
         manifest["error"] = f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,5 @@
-"""`stagediff` command line: `generate` runs the Prefect flow, `tiny-model` writes the default model.
+"""`stagediff` command line: `generate` runs the Prefect flow, `resume` finishes a run, `gc` cleans a store,
+`tiny-model` writes the default model.
 
 Input is validated here before Prefect, torch or any model is imported, so bad input costs
 nothing, writes nothing and exits with status 2.
@@ -11,10 +12,12 @@ import json
 import sys
 from pathlib import Path
 
+from artifacts import ArtifactError, Store, read_manifest
 from stagediff.default_model import default_model_dir
-from stagediff.request import RequestError, validate_request
-from stagediff.runs import new_run_id, open_manifest
+from stagediff.request import GenerateRequest, RequestError, validate_request
+from stagediff.runs import check_store, new_run_id, open_manifest
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
@@ -53,12 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload-dir", help="folder for weights offloaded to disk")
     gen.add_argument("--out", default="outputs", help="output root (default: outputs)")
     gen.add_argument("--run-id", help="plain name of the run folder (default: a new timestamped name)")
-    gen.add_argument("--retries", type=int, default=0, help="retries of a failed stage")
+    add_run_options(gen)
+
+    resume = commands.add_parser("resume", help="finish a run: compute only what its store lacks")
+    resume.add_argument("run", metavar="OUT/RUN", help="the run folder (its manifest.json holds the request)")
+    add_run_options(resume)
+
+    gc = commands.add_parser("gc", help="remove the artifacts of a store that no kept run references")
+    gc.add_argument("store", metavar="STORE", help="the store: a folder or fsspec URL")
+    gc.add_argument("--older-than", default="7d", help="only artifacts at least this old: 7d, 12h, 30m, 0s")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
 
     tiny = commands.add_parser("tiny-model", help="write the tiny random FluxPipeline (offline)")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", help="artifact store shared by runs: a folder or fsspec URL (default: OUT/.store)")
+    parser.add_argument("--strict", action="store_true", help="stop at a damaged artifact instead of recomputing it")
+    parser.add_argument("--retries", type=int, default=0, help="retries of a failed stage")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -71,6 +89,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     model = args.model or str(default_model_dir())
     request = validate_request(**fields, model=model, check_model=args.model is not None)
+    return run_flow(request, args.model, args.store, args.strict, args.retries)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    try:
+        manifest = read_manifest(run_dir)
+        fields = dict(manifest["request"])
+        model = fields.pop("model")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RequestError(
+            "run", args.run, "must be a run folder holding a manifest.json written by stagediff"
+        ) from None
+    model_arg = None if model == str(default_model_dir()) else model  # the default model is rebuilt if need be
+    fields.update(out=str(run_dir.parent), run_id=run_dir.name)
+    request = validate_request(**fields, model=model, check_model=model_arg is not None)
+    return run_flow(request, model_arg, args.store or manifest.get("store"), args.strict, args.retries)
+
+
+def run_flow(request: GenerateRequest, model: str | None, store: str | None, strict: bool, retries: int) -> int:
+    """Run the generate flow for a checked request and print where its images are and what each stage did."""
+    check_store(store, request.out)
     open_manifest(request)  # refuses a run id that holds a different run, before any work
 
     from stagediff.isolation import warm_up
@@ -81,17 +121,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from flows.generate import generate
 
     manifest = generate(
-        prompts=request.prompts, model=args.model, steps=request.steps, guidance=request.guidance,
+        prompts=request.prompts, model=model, steps=request.steps, guidance=request.guidance,
         height=request.height, width=request.width, seed=request.seed,
         max_sequence_length=request.max_sequence_length, batch_size=request.batch_size, dtype=request.dtype,
         max_memory=request.placement.max_memory, offload_dir=request.placement.offload_dir, out=request.out,
-        run_id=request.run_id, retries=args.retries,
+        run_id=request.run_id, retries=retries, store=store, strict=strict,
     )  # fmt: skip
     run_dir = request.run_dir
     print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
+    print(f"store: {manifest['store']}")
     for stage, info in manifest["stages"].items():
-        seconds, rss = info.get("seconds", 0), info.get("peak_rss_mb", 0)
-        print(f"  {stage:8s} pid {info.get('pid')}  {seconds:7.2f} s  peak RSS {rss:7.0f} MB")
+        done = f"computed {len(info['computed'])}, reused {len(info['reused'])}"
+        if info["skipped"]:
+            print(f"  {stage:8s} no process: all {len(info['reused'])} items in the store")
+        else:
+            seconds, rss = info["seconds"], info["peak_rss_mb"]
+            print(f"  {stage:8s} pid {info['pid']}  {seconds:7.2f} s  peak RSS {rss:7.0f} MB  {done}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from stagediff.gc import collect_garbage, parse_age
+
+    older_than = parse_age(args.older_than)
+    location = check_store(args.store, ".")
+    if Store(location).local and not (Path(location) / "objects").is_dir():
+        raise RequestError("store", args.store, "must be an existing store (a folder holding objects/)")
+    report = collect_garbage(Store(location), older_than, dry_run=args.dry_run)
+    if args.dry_run:
+        for name in report.removed:
+            print(f"  would remove {name}")
+    print(report.summary())
     return 0
 
 
@@ -105,13 +165,15 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "resume": cmd_resume, "gc": cmd_gc, "tiny-model": cmd_tiny_model}
     try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        return cmd_tiny_model(args)
+        return commands[args.command](args)
     except RequestError as exc:
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ArtifactError as exc:  # a damaged artifact under --strict
+        print(f"stagediff: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

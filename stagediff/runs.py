@@ -1,4 +1,4 @@
-"""A run's bookkeeping: its id, its manifest, and which stages' outputs are already on disk."""
+"""A run's bookkeeping: its id, its manifest, which items each stage has to compute, and what it did."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import stagediff
-from artifacts import ArtifactError, read_manifest, verify_file, write_manifest
+from artifacts import ArtifactError, Store, read_manifest, write_manifest
+from artifacts.store import is_url
 from stagediff.request import GenerateRequest, RequestError
 from stagediff.spec import ItemRef
 
 STAGES = ("encode", "denoise", "decode")
-ARTIFACT_OF_STAGE = {"encode": "embeddings", "denoise": "latents", "decode": "image"}
+ARTIFACT_OF_STAGE = {"encode": "embeddings", "denoise": "latents", "decode": "image"}  # manifest item fields
+KIND_OF_STAGE = {"encode": "embeddings", "denoise": "latents", "decode": "images"}  # store kinds
+# A stage whose every item was in the store starts no process.
+NO_PROCESS = {"pid": None, "seconds": 0.0, "startup_seconds": 0.0, "peak_rss_mb": 0.0}
 
 
 def new_run_id() -> str:
@@ -59,36 +63,84 @@ def open_manifest(request: GenerateRequest) -> dict[str, Any]:
     return manifest
 
 
-def finished_refs(manifest: dict[str, Any], run_dir: Path, stage: str) -> list[ItemRef] | None:
-    """The stage's outputs if every item has one on disk with its recorded sha256, else None."""
+def check_store(store: str | None, out: str) -> str:
+    """The store a run uses, STORE or OUT/.store by default (absolute), checked without creating anything."""
+    if store is None or store == "":
+        return str((Path(out) / ".store").absolute())
+    if not is_url(store):
+        if Path(store).exists() and not Path(store).is_dir():
+            raise RequestError("store", store, "must be a folder (it is created if missing) or an fsspec URL")
+        return str(Path(store).absolute())
+    import fsspec
+
+    try:
+        fsspec.core.url_to_fs(store)
+    except (ValueError, ImportError) as exc:
+        allowed = f"must be a folder or a URL of an installed fsspec filesystem ({type(exc).__name__}: {exc})"
+        raise RequestError("store", store, allowed.splitlines()[0]) from None
+    return store
+
+
+def plan(manifest: dict[str, Any], keys: list[dict[str, str]], store: Store) -> None:
+    """Start this run's bookkeeping: every item's content keys, the store, and no stage done yet."""
+    for item, item_keys in zip(manifest["items"], keys, strict=True):
+        item["keys"] = item_keys
+    manifest.update(store=store.location, stages={})
+
+
+def keys_of(manifest: dict[str, Any], stage: str, indexes: list[int]) -> dict[int, str]:
     field = ARTIFACT_OF_STAGE[stage]
+    return {i: manifest["items"][i]["keys"][field] for i in indexes}
+
+
+def missing(manifest: dict[str, Any], store: Store, stage: str, strict: bool) -> tuple[list[int], dict[int, str]]:
+    """Indexes whose artifact of `stage` the store lacks, and which of them are there but damaged.
+
+    A damaged artifact is recomputed (the caller warns), or with `strict` this raises its ArtifactError.
+    """
+    kind, field = KIND_OF_STAGE[stage], ARTIFACT_OF_STAGE[stage]
+    todo, damaged = [], {}
+    for item in manifest["items"]:
+        try:
+            if store.check(kind, item["keys"][field]) is not None:
+                continue
+        except ArtifactError as exc:
+            if strict:
+                raise
+            damaged[item["index"]] = str(exc)
+        todo.append(item["index"])
+    return todo, damaged
+
+
+def record(
+    manifest: dict[str, Any],
+    run_dir: Path,
+    store: Store,
+    stage: str,
+    todo: list[int],
+    damaged: dict[int, str],
+    result: dict[str, Any] | None,
+) -> list[ItemRef]:
+    """Write down what the stage did, link every item's artifact into the run folder, return their refs."""
+    kind, field = KIND_OF_STAGE[stage], ARTIFACT_OF_STAGE[stage]
+    computed = sorted({ref.index for ref in result["items"]}) if result else []
     refs = []
     for item in manifest["items"]:
-        sha256 = item["sha256"][field]
-        if sha256 is None:
-            return None
-        try:
-            verify_file(run_dir / item[field], sha256)
-        except ArtifactError:
-            return None
-        refs.append(ItemRef(item["index"], item[field], sha256))
-    return refs
-
-
-def record(manifest: dict[str, Any], run_dir: Path, stage: str, result: dict[str, Any]) -> list[ItemRef]:
-    """Put a stage's outputs and process stats into the manifest and write it."""
-    field = ARTIFACT_OF_STAGE[stage]
-    by_index = {item["index"]: item for item in manifest["items"]}
-    for ref in result["items"]:
-        by_index[ref.index]["sha256"][field] = ref.sha256
-    manifest["stages"][stage] = {**result["process"], "device_map": result["device_map"], "skipped": False}
+        key = item["keys"][field]
+        found = store.check(kind, key)
+        if found is None:
+            raise ArtifactError(f"{stage} ended without writing {store.path(store.object_name(kind, key))}")
+        store.materialize(kind, key, run_dir / item[field])
+        item["sha256"][field] = found.sha256
+        refs.append(ItemRef(item["index"], kind, key, found.sha256))
+    process = result["process"] if result else NO_PROCESS
+    manifest["stages"][stage] = {
+        **process,
+        "device_map": result["device_map"] if result else None,
+        "skipped": result is None,
+        "computed": computed,
+        "reused": [item["index"] for item in manifest["items"] if item["index"] not in computed],
+        "damaged": sorted(damaged),
+    }
     write_manifest(run_dir, manifest)
-    return result["items"]
-
-
-def reuse(manifest: dict[str, Any], run_dir: Path, stage: str, upstream_ran: bool) -> list[ItemRef] | None:
-    """A finished stage's outputs, unless an earlier stage ran again in this run (then redo it)."""
-    refs = None if upstream_ran else finished_refs(manifest, run_dir, stage)
-    if refs is not None:
-        manifest["stages"].setdefault(stage, {})["skipped"] = True
     return refs

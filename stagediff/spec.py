@@ -4,6 +4,7 @@ Kept free of torch so that the flow's process never imports it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -16,12 +17,19 @@ class StageContext:
     batch_size: int
     max_memory: dict[str, str] | None = None
     offload_dir: str | None = None
+    store: str | None = None  # the artifact store, a folder or fsspec URL; None: OUT/.store next to run_dir
+    pause_after_batch: float = 0.0  # test hook ($STAGEDIFF_TEST_BATCH_DELAY): crash tests kill between batches
+
+    @property
+    def store_location(self) -> str:
+        return self.store or str(Path(self.run_dir).parent / ".store")
 
 
 @dataclass(frozen=True)
 class ItemRef:
-    """A persisted artifact of one item: run-relative path and sha256."""
+    """One item's artifact in the store: its kind, content key and sha256."""
 
     index: int
-    path: str
+    kind: str  # "embeddings" | "latents" | "images"
+    key: str
     sha256: str

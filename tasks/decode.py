@@ -12,6 +12,8 @@ from tasks._isolated import run_stage
 
 
 @task(name="decode", cache_policy=NONE)
-def decode_task(ctx: StageContext, items: list[ItemRef], height: int, width: int) -> dict[str, Any]:
-    """Decode latents with the VAE in a fresh process; persist PNG images."""
-    return run_stage("decode", ctx, items, height, width)
+def decode_task(
+    ctx: StageContext, items: list[ItemRef], height: int, width: int, keys: dict[int, str]
+) -> dict[str, Any]:
+    """Decode latents to the images the store lacks with the VAE in a fresh process; store the PNGs."""
+    return run_stage("decode", ctx, items, height, width, keys)

@@ -20,6 +20,7 @@ def denoise_task(
     height: int,
     width: int,
     max_sequence_length: int,
+    keys: dict[int, str],
 ) -> dict[str, Any]:
-    """Denoise embeddings to latents with the sharded denoiser in a fresh process; persist latents."""
-    return run_stage("denoise", ctx, items, steps, guidance, height, width, max_sequence_length)
+    """Denoise embeddings to the latents the store lacks, sharded, in a fresh process; store them."""
+    return run_stage("denoise", ctx, items, steps, guidance, height, width, max_sequence_length, keys)

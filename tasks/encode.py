@@ -12,6 +12,8 @@ from tasks._isolated import run_stage
 
 
 @task(name="encode", cache_policy=NONE)
-def encode_task(ctx: StageContext, prompts: list[tuple[int, str]], max_sequence_length: int) -> dict[str, Any]:
-    """Encode prompts with the text encoders in a fresh process; persist embeddings."""
-    return run_stage("encode", ctx, prompts, max_sequence_length)
+def encode_task(
+    ctx: StageContext, prompts: list[tuple[int, str]], max_sequence_length: int, keys: dict[int, str]
+) -> dict[str, Any]:
+    """Encode prompts the store lacks with the text encoders in a fresh process; store the embeddings."""
+    return run_stage("encode", ctx, prompts, max_sequence_length, keys)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import stagediff
-from artifacts import load_tensors
+from artifacts import Store
 from stagediff.spec import ItemRef, StageContext
 
 log = logging.getLogger("stagediff.stages")
@@ -25,6 +24,11 @@ def torch_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if accelerator_count() else torch.float32
     return DTYPES[name]
+
+
+def dtype_name(name: str) -> str:
+    """ "auto" resolved on this machine: "bfloat16" with accelerators, "float32" without."""
+    return str(torch_dtype(name)).removeprefix("torch.")
 
 
 def accelerate_max_memory(max_memory: dict[str, str] | None) -> dict[int | str, str] | None:
@@ -65,13 +69,13 @@ def device_map_of(obj: Any) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in device_map.items()}
 
 
-def run_path(ctx: StageContext, relative: str) -> Path:
-    return Path(ctx.run_dir) / relative
+def open_store(ctx: StageContext) -> Store:
+    return Store(ctx.store_location)
 
 
 def load_item(ctx: StageContext, ref: ItemRef) -> dict[str, torch.Tensor]:
-    """An earlier stage's tensors for one item, verified against its sha256 and provenance."""
-    return load_tensors(run_path(ctx, ref.path), ref.sha256, {"model": ctx.model, "index": ref.index})[0]
+    """An earlier stage's tensors for one item from the store, verified (sha256, size, key) before use."""
+    return open_store(ctx).load_tensors(ref.kind, ref.key)
 
 
 def quiet_progress_bars() -> None:

@@ -6,19 +6,17 @@ from pathlib import Path
 
 import torch
 
-from artifacts import save_tensors
 from stagediff.family import family_for, vae_scale_factor
 from stagediff.stages.common import (
     ItemRef,
     StageContext,
     accelerate_max_memory,
     accelerator_count,
-    batches,
     device_map_of,
     load_item,
     log,
     metadata,
-    run_path,
+    open_store,
     torch_dtype,
 )
 
@@ -64,21 +62,27 @@ def denoise(
     height: int,
     width: int,
     max_sequence_length: int,
+    keys: dict[int, str],
 ) -> dict:
-    """Denoise `(embeddings ref, seed)` pairs in batches; write `latents/{index:05d}.safetensors`."""
+    """Denoise the `(embeddings ref, seed)` pairs the store lacks, in batches; store latents under `keys[index]`."""
     family = family_for(ctx.model)
-    pipe, device_map = load_denoiser(ctx)
-    log.info("%s loaded (device map: %s)", family.denoiser, device_map or "cpu")
+    store = open_store(ctx)
+    pipe = device_map = None
     refs: list[ItemRef] = []
-    chunks = batches(items, ctx.batch_size)
-    for n, chunk in enumerate(chunks, 1):
+    work = store.claimed_batches(
+        "latents", items, lambda item: keys[item[0].index], ctx.batch_size, ctx.pause_after_batch
+    )
+    for n, chunk in enumerate(work, 1):
+        if pipe is None:  # loaded only if this process has something to compute
+            pipe, device_map = load_denoiser(ctx)
+            log.info("%s loaded (device map: %s)", family.denoiser, device_map or "cpu")
         loaded = [load_item(ctx, ref) for ref, _ in chunk]
         embeddings = {name: torch.stack([t[name] for t in loaded]) for name in loaded[0]}
         # One generator per item: prompt i's noise never depends on its batch.
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
 
         def on_step(pipe, step, timestep, callback_kwargs, n=n):
-            log.info("batch %d/%d: step %d/%d", n, len(chunks), step + 1, steps)
+            log.info("batch %d: step %d/%d", n, step + 1, steps)
             return callback_kwargs
 
         latents = pipe(
@@ -91,10 +95,9 @@ def denoise(
             callback_on_step_end=on_step,
         ).images
         for row, (ref, seed) in enumerate(chunk):
-            relative = f"latents/{ref.index:05d}.safetensors"
             meta = metadata(
                 ctx, "denoise", index=ref.index, seed=seed, steps=steps, guidance=guidance, height=height, width=width
             )
-            sha256 = save_tensors(run_path(ctx, relative), {"latents": latents[row]}, meta)
-            refs.append(ItemRef(ref.index, relative, sha256))
+            record = store.save_tensors("latents", keys[ref.index], {"latents": latents[row]}, meta)
+            refs.append(ItemRef(ref.index, "latents", record.key, record.sha256))
     return {"items": refs, "device_map": device_map}

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from artifacts import save_tensors
 from stagediff.family import family_for
 from stagediff.stages.common import (
     ItemRef,
     StageContext,
     accelerate_max_memory,
     accelerator_count,
-    batches,
     device_map_of,
     log,
     metadata,
-    run_path,
+    open_store,
     torch_dtype,
 )
 
@@ -34,20 +32,23 @@ def load_text_encoders(ctx: StageContext):
 
 
 @torch.inference_mode()
-def encode(ctx: StageContext, prompts: list[tuple[int, str]], max_sequence_length: int) -> dict:
-    """Encode `(index, prompt)` pairs in batches of `ctx.batch_size`; write `embeddings/{index:05d}.safetensors`."""
+def encode(ctx: StageContext, prompts: list[tuple[int, str]], max_sequence_length: int, keys: dict[int, str]) -> dict:
+    """Encode the `(index, prompt)` pairs the store lacks, in batches; store them under `keys[index]`."""
     family = family_for(ctx.model)
-    pipe = load_text_encoders(ctx)
-    device_map = device_map_of(pipe)
-    log.info("text encoders loaded (device map: %s)", device_map or "cpu")
+    store = open_store(ctx)
+    pipe = device_map = None
     refs: list[ItemRef] = []
-    chunks = batches(prompts, ctx.batch_size)
-    for n, chunk in enumerate(chunks, 1):
+    work = store.claimed_batches("embeddings", prompts, lambda p: keys[p[0]], ctx.batch_size, ctx.pause_after_batch)
+    for chunk in work:
+        if pipe is None:  # loaded only if this process has something to compute
+            pipe = load_text_encoders(ctx)
+            device_map = device_map_of(pipe)
+            log.info("text encoders loaded (device map: %s)", device_map or "cpu")
         embeddings = family.encode(pipe, [prompt for _, prompt in chunk], max_sequence_length)
         for row, (index, prompt) in enumerate(chunk):
-            relative = f"embeddings/{index:05d}.safetensors"
             tensors = {name: tensor[row] for name, tensor in embeddings.items()}
             meta = metadata(ctx, "encode", index=index, prompt=prompt, max_sequence_length=max_sequence_length)
-            refs.append(ItemRef(index, relative, save_tensors(run_path(ctx, relative), tensors, meta)))
-        log.info("encoded batch %d/%d (%d prompts)", n, len(chunks), len(chunk))
+            record = store.save_tensors("embeddings", keys[index], tensors, meta)
+            refs.append(ItemRef(index, "embeddings", record.key, record.sha256))
+        log.info("encoded %d prompts (%d so far)", len(chunk), len(refs))
     return {"items": refs, "device_map": device_map}

@@ -1,0 +1,167 @@
+"""Content keys: every artifact is named by the sha256 of everything that determines it.
+
+    embeddings = H(text encoders + tokenizers, prompt, negative prompt, max sequence length, dtype)
+    latents    = H(embeddings key, denoiser, scheduler config, steps, guidance, size, seed, dtype)
+    image      = H(latents key, VAE, dtype)
+
+A model component's identity is a fingerprint of its config and weight files. Hashing weights is
+paid once per file: file hashes are cached by path, size and mtime (`$STAGEDIFF_CACHE/fingerprints.json`),
+and a Hugging Face cache file is named after its sha256 already. Torch-free: the flow computes keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from artifacts import atomic_write_bytes, sha256_file
+from stagediff.default_model import cache_dir
+
+if TYPE_CHECKING:
+    from stagediff.request import GenerateRequest
+
+KEY_VERSION = 1  # bump when a stage's math changes so that old artifacts are no longer reused
+FINGERPRINTED = (".json", ".txt", ".model", ".safetensors")  # what from_pretrained reads (no pickles)
+DENOISERS = ("transformer", "unet")
+
+
+def digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class FileHashes:
+    """sha256 of files, remembered by (real path, size, mtime) so that weights are hashed once."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_dir() / "fingerprints.json"
+        try:
+            self.known: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    def sha256(self, file: Path) -> str:
+        real = os.path.realpath(file)
+        name = os.path.basename(real)
+        if os.path.basename(os.path.dirname(real)) == "blobs" and len(name) == 64:
+            return name  # Hugging Face cache: an LFS blob is named after its sha256
+        st = os.stat(real)
+        seen = self.known.get(real)
+        if seen and seen[:2] == [st.st_size, st.st_mtime_ns]:
+            return seen[2]
+        sha = sha256_file(real)
+        self.known[real] = [st.st_size, st.st_mtime_ns, sha]
+        self.changed = True
+        return sha
+
+    def save(self) -> None:
+        if self.changed:  # concurrent savers may drop each other's entries: they are only hashed again
+            atomic_write_bytes(self.path, json.dumps(self.known).encode())
+            self.changed = False
+
+
+def component_fingerprint(model: Path, component: str, hashes: FileHashes) -> str:
+    """sha256 over the names and hashes of a component's config, tokenizer and safetensors files."""
+    folder = model / component
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FINGERPRINTED)
+    return digest({str(p.relative_to(folder)): hashes.sha256(p) for p in files})
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The parts of a diffusers pipeline folder that each stage's outputs depend on."""
+
+    pipeline: str  # model_index.json's _class_name
+    text: dict[str, str]  # text encoders and tokenizers -> fingerprint
+    denoiser: dict[str, str]  # transformer or unet -> fingerprint
+    scheduler: dict[str, Any]  # the scheduler's config
+    vae: str  # fingerprint
+    vae_scale_factor: int  # the latent geometry denoise uses
+
+
+def model_identity(model: str | Path) -> ModelIdentity:
+    model = Path(model)
+    index = json.loads((model / "model_index.json").read_text())
+    present = [name for name, entry in index.items() if not name.startswith("_") and entry and entry[0]]
+    hashes = FileHashes()
+    fingerprints = {name: component_fingerprint(model, name, hashes) for name in present if (model / name).is_dir()}
+    hashes.save()
+    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    return ModelIdentity(
+        pipeline=index["_class_name"],
+        text={n: f for n, f in fingerprints.items() if n.startswith(("text_encoder", "tokenizer"))},
+        denoiser={n: f for n, f in fingerprints.items() if n in DENOISERS},
+        scheduler={k: v for k, v in scheduler.items() if k != "_diffusers_version"},
+        vae=fingerprints["vae"],
+        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+    )
+
+
+def embeddings_key(
+    model: ModelIdentity, prompt: str, negative_prompt: str | None, max_sequence_length: int, dtype: str
+) -> str:
+    return digest(
+        {
+            "v": KEY_VERSION,
+            "kind": "embeddings",
+            "pipeline": model.pipeline,
+            "text": model.text,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "max_sequence_length": max_sequence_length,
+            "dtype": dtype,
+        }
+    )
+
+
+def latents_key(
+    embeddings: str, model: ModelIdentity, steps: int, guidance: float, height: int, width: int, seed: int, dtype: str
+) -> str:
+    return digest(
+        {
+            "v": KEY_VERSION,
+            "kind": "latents",
+            "embeddings": embeddings,
+            "denoiser": model.denoiser,
+            "scheduler": model.scheduler,
+            "vae_scale_factor": model.vae_scale_factor,
+            "steps": steps,
+            "guidance": guidance,
+            "height": height,
+            "width": width,
+            "seed": seed,
+            "dtype": dtype,
+        }
+    )
+
+
+def image_key(latents: str, model: ModelIdentity, dtype: str) -> str:
+    return digest({"v": KEY_VERSION, "kind": "image", "latents": latents, "vae": model.vae, "dtype": dtype})
+
+
+def item_keys(request: GenerateRequest, dtype: str) -> list[dict[str, str]]:
+    """Per prompt: its `embeddings`, `latents` and `image` keys (`dtype` resolved, never "auto")."""
+    model = model_identity(request.model)
+    keys = []
+    for i, prompt in enumerate(request.prompts):
+        e = embeddings_key(model, prompt, None, request.max_sequence_length, dtype)  # no negative prompts yet
+        s = request.seed_of(i)
+        lat = latents_key(e, model, request.steps, request.guidance, request.height, request.width, s, dtype)
+        keys.append({"embeddings": e, "latents": lat, "image": image_key(lat, model, dtype)})
+    return keys
+
+
+@functools.cache
+def resolve_dtype(dtype: str) -> str:
+    """The dtype the stages will use ("auto" depends on the machine): asked of a stage process, never torch here."""
+    if dtype != "auto":
+        return dtype
+    from stagediff.isolation import run_isolated
+
+    return run_isolated("stagediff.stages.common:dtype_name", dtype, name="probe")[0]
