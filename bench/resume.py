@@ -1,7 +1,8 @@
 """Resume after a crash: `stagediff generate` on the mid-sized model, its denoise process killed
-(SIGKILL) mid-run, then the same command again (it verifies the persisted embeddings and runs only
-denoise and decode). Compared with the remaining work alone: a fresh process that runs just the
-denoise and decode stages from those embeddings, with no orchestration.
+(SIGKILL) mid-run, then the same command again (it finds the embeddings and the finished latents in
+the store and computes only the missing latents, then the images). Compared with the remaining work
+alone: a fresh process that runs just those denoise and decode calls on a copy of the store, with no
+orchestration.
 
     python -m bench.resume [--repeats 3] [--json PATH]
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,13 +29,17 @@ SETTINGS = ["--steps", "4", "--height", "128", "--width", "128", "--max-sequence
 REMAINING_SCRIPT = """
 import json, sys
 from pathlib import Path
+from artifacts import Store
 from stagediff.stages import ItemRef, StageContext, decode, denoise
-run_dir = Path(sys.argv[1])
+run_dir, store = Path(sys.argv[1]), sys.argv[2]
 manifest = json.loads((run_dir / "manifest.json").read_text())
-ctx = StageContext(model=manifest["model"], run_dir=str(run_dir), dtype="auto", batch_size=2)
-refs = [(ItemRef(i["index"], i["embeddings"], i["sha256"]["embeddings"]), i["seed"]) for i in manifest["items"]]
-latents = denoise(ctx, refs, 4, 3.5, 128, 128, 64)["items"]
-decode(ctx, latents, 128, 128)
+ctx = StageContext(model=manifest["model"], run_dir=str(run_dir), dtype="auto", batch_size=2, store=store)
+items = manifest["items"]
+todo = [i for i in items if Store(store).check("latents", i["keys"]["latents"]) is None]
+refs = [(ItemRef(i["index"], "embeddings", i["keys"]["embeddings"], ""), i["seed"]) for i in todo]
+denoise(ctx, refs, 4, 3.5, 128, 128, 64, {i["index"]: i["keys"]["latents"] for i in todo})
+latents = [ItemRef(i["index"], "latents", i["keys"]["latents"], "") for i in items]
+decode(ctx, latents, 128, 128, {i["index"]: i["keys"]["image"] for i in items})
 """
 
 
@@ -78,9 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
             out = Path(tmp)
             cli = [sys.executable, "-m", "stagediff.cli", "generate", "--model", str(model), *SETTINGS]
             cli += [arg for p in PROMPTS for arg in ("--prompt", p)] + ["--out", str(out), "--run-id", f"r{r}"]
+            cli += ["--store", str(out / f"store-{r}")]  # a fresh store per repeat
             crash_in_denoise(cli, env, args.kill_after)
+            alone = out / f"alone-store-{r}"  # the same work on a copy: the resumed run finds its own store as left
+            shutil.copytree(out / f"store-{r}", alone)
             runs["remaining_alone"].append(
-                round(timed_run([sys.executable, "-c", REMAINING_SCRIPT, str(out / f"r{r}")], env=env), 3)
+                round(timed_run([sys.executable, "-c", REMAINING_SCRIPT, str(out / f"r{r}"), str(alone)], env=env), 3)
             )
             runs["resumed"].append(round(timed_run(cli, env=env), 3))
             manifest = json.loads((out / f"r{r}" / "manifest.json").read_text())

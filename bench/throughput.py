@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cli += ["--steps", common[0], "--height", common[1], "--width", common[1]]
                 cli += ["--max-sequence-length", common[2], "--batch-size", str(args.batch_size), "--seed", "0"]
                 cli += ["--out", str(Path(tmp) / "s"), "--run-id", f"n{n}-{r}"]
+                cli += ["--store", str(Path(tmp) / f"store-n{n}-{r}")]  # a fresh store: nothing to reuse
                 cli += [arg for p in prompts(n) for arg in ("--prompt", p)]
                 runs[n]["stagediff"].append(round(timed_run(cli, env=env), 3))
 

@@ -48,9 +48,11 @@ def test_two_runs_from_the_same_default_model_cache(prefect_server, tmp_path: Pa
             for field in ("image", "embeddings", "latents"):
                 assert not Path(item[field]).is_absolute()
                 assert (out / manifest["run_id"] / item[field]).is_file()
-        for stage in ("encode", "denoise", "decode"):
-            info = manifest["stages"][stage]
-            assert info["pid"] > 0 and info["seconds"] > 0 and info["peak_rss_mb"] > 50
-            assert not Path(f"/proc/{info['pid']}").exists()  # the stage process is gone
+    for stage in ("encode", "denoise", "decode"):
+        info = manifests[0]["stages"][stage]  # the first run computed everything, each stage in its own process
+        assert info["pid"] > 0 and info["seconds"] > 0 and info["peak_rss_mb"] > 50 and info["computed"] == [0, 1]
+        assert not Path(f"/proc/{info['pid']}").exists()  # the stage process is gone
+        again = manifests[1]["stages"][stage]  # the second found it all in the shared store (OUT/.store)
+        assert again["skipped"] and again["pid"] is None and again["reused"] == [0, 1]
     for a, b in zip(manifests[0]["items"], manifests[1]["items"], strict=True):
         np.testing.assert_array_equal(read_image(out / "one" / a["image"]), read_image(out / "two" / b["image"]))

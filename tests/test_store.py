@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -236,6 +238,8 @@ def test_bad_gc_and_store_arguments_are_one_line_errors(tmp_path: Path, capsys: 
     assert capsys.readouterr().err.startswith("stagediff: error: invalid older_than='a week'")
     assert main(["gc", str(tmp_path / "nope")]) == 2
     assert "invalid store=" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "no-run")]) == 2
+    assert capsys.readouterr().err.startswith("stagediff: error: invalid run=")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     for bad in (str(a_file), "nosuchproto://bucket/x"):
@@ -247,3 +251,12 @@ def test_bad_gc_and_store_arguments_are_one_line_errors(tmp_path: Path, capsys: 
         err = capsys.readouterr().err.strip()
         assert err.startswith("stagediff: error: invalid store=") and len(err.splitlines()) == 1
         assert not out.exists()
+
+
+def test_the_flow_side_never_imports_torch() -> None:
+    code = (
+        "import sys, flows.generate, stagediff.gc, stagediff.keys, stagediff.runs, artifacts.store; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,336 @@
+"""Resume from the store: kill -9 anywhere, rerun, get the same bytes; damaged artifacts never used;
+concurrent runs compute each artifact once; a stage with nothing to compute starts no process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from artifacts import ArtifactError, Store
+from stagediff.isolation import StageError
+from stagediff.tiny_model import TinyFluxConfig, build_tiny_flux
+from tests.reference import read_image, reference_images
+
+PROMPTS = ["a red dog", "a cat in the city", "a forest at night", "blue sky photo"]
+SETTINGS = dict(steps=2, guidance=3.5, height=64, width=64, max_sequence_length=16, seed=5)
+FIELDS = {"encode": "embeddings", "denoise": "latents", "decode": "image"}
+KINDS = {"encode": "embeddings", "denoise": "latents", "decode": "images"}
+DELAY = "0.5"  # STAGEDIFF_TEST_BATCH_DELAY: seconds a stage waits after each batch, so kills land inside it
+
+
+def generate(model: Path, out: Path, run_id: str, store: Path | str, **overrides) -> dict:
+    from flows.generate import generate as flow
+
+    kwargs = {**SETTINGS, **overrides}
+    prompts = kwargs.pop("prompts", PROMPTS)
+    return flow(prompts=prompts, model=str(model), out=str(out), run_id=run_id, store=str(store), **kwargs)
+
+
+def cli_args(model: Path, out: Path, run_id: str, store: Path) -> list[str]:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    args += [arg for p in PROMPTS for arg in ("--prompt", p)]
+    return ["generate", "--model", str(model), *args, "--out", str(out), "--run-id", run_id, "--store", str(store)]
+
+
+def count(store: Path, stage: str) -> int:
+    return len(list((store / "objects" / KINDS[stage]).rglob("*.json")))
+
+
+def files_of(run_dir: Path, field: str) -> list[bytes]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return [(run_dir / item[field]).read_bytes() for item in manifest["items"]]
+
+
+def did(manifest: dict, stage: str) -> tuple[bool, list[int], list[int]]:
+    info = manifest["stages"][stage]
+    return info["skipped"], info["computed"], info["reused"]
+
+
+def ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        chain.append(pid)
+    return chain
+
+
+def stage_process(stage: str, ancestor: int) -> int | None:
+    """The running `stagediff-<stage>` process under `ancestor` (names are cut at 15 characters)."""
+    name = f"stagediff-{stage}"[:15]
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == name and ancestor in ancestors(int(comm.parent.name)):
+                return int(comm.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return True
+
+
+class Killer(threading.Thread):
+    """SIGKILL a stage process (or `victim`, e.g. the whole flow) as soon as the stage has started
+    (`after=0`) or has written `after` new objects to the store."""
+
+    def __init__(self, stage: str, ancestor: int, store: Path, after: int, victim: int | None = None) -> None:
+        super().__init__(daemon=True)
+        self.stage, self.ancestor, self.store, self.after, self.victim = stage, ancestor, store, after, victim
+        self.before = count(store, stage)
+        self.stage_pid: int | None = None
+
+    def run(self) -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            self.stage_pid = self.stage_pid or stage_process(self.stage, self.ancestor)
+            if self.stage_pid and count(self.store, self.stage) >= self.before + self.after:
+                os.kill(self.victim or self.stage_pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_server, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted run on its own store: the bytes every resumed run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    manifest = generate(tiny_model, root / "out", "ref", root / "store")
+    run_dir = root / "out" / "ref"
+    return {"store": root / "store", "manifest": manifest, **{f: files_of(run_dir, f) for f in ("latents", "image")}}
+
+
+def assert_same_as(reference: dict, run_dir: Path) -> None:
+    """Bit-identical: the same latent tensors (safetensors headers order their metadata freely), the same PNGs."""
+    assert tensors(files_of(run_dir, "latents")) == tensors(reference["latents"])
+    assert files_of(run_dir, "image") == reference["image"]
+
+
+def tensors(files: list[bytes]) -> list[bytes]:
+    from safetensors.torch import load
+
+    return [load(data)["latents"].numpy().tobytes() for data in files]
+
+
+def test_kill_9_of_stage_processes_at_several_points_then_rerun(
+    reference: dict, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STAGEDIFF_TEST_BATCH_DELAY", DELAY)
+    store, out = tmp_path / "store", tmp_path / "out"
+    run_dir = out / "r"
+    store.mkdir()
+    crash_points = [("encode", 0), ("encode", 1), ("denoise", 0), ("denoise", 1), ("decode", 1)]
+    for stage, after in crash_points:
+        killer = Killer(stage, os.getpid(), store, after)
+        killer.start()
+        with pytest.raises(StageError, match=rf"{stage} stage process \d+ died with exit code -9"):
+            generate(tiny_model, out, "r", store)
+        killer.join(10)
+        assert gone(killer.stage_pid)
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["status"] == "failed"
+        if (stage, after) == ("encode", 0):
+            assert count(store, "encode") == 0  # killed before it wrote anything
+        if (stage, after) == ("encode", 1):
+            assert count(store, "encode") == 1  # the first batch, and only it
+        if (stage, after) == ("denoise", 0):  # this run encoded only what the killed one had not
+            assert did(manifest, "encode") == (False, [1, 2, 3], [0])
+        if (stage, after) == ("denoise", 1):
+            assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
+            assert count(store, "denoise") == 1
+        if (stage, after) == ("decode", 1):
+            assert did(manifest, "denoise") == (False, [1, 2, 3], [0])
+    manifest = generate(tiny_model, out, "r", store)
+    assert manifest["status"] == "completed"
+    # Finished stages did no work: no process, nothing computed
+    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
+    assert did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
+    assert did(manifest, "decode") == (False, [1, 2, 3], [0])
+    assert manifest["stages"]["encode"]["pid"] is None and manifest["stages"]["denoise"]["pid"] is None
+    assert_same_as(reference, run_dir)
+
+
+def test_kill_9_of_the_whole_flow_then_stagediff_resume(
+    reference: dict, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from stagediff.cli import main
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    store.mkdir()
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "STAGEDIFF_TEST_BATCH_DELAY": DELAY}
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "stagediff.cli", *cli_args(tiny_model, out, "r", store)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        killer = Killer("denoise", cli.pid, store, after=1, victim=cli.pid)
+        killer.start()
+        killer.join(300)
+        assert cli.wait(30) == -signal.SIGKILL
+        deadline = time.time() + 30  # the stage process notices its flow is gone and exits by itself
+        while not gone(killer.stage_pid):
+            assert time.time() < deadline, "the denoise process outlived its flow"
+            time.sleep(0.05)
+    finally:
+        cli.kill()
+    written = {
+        json.loads(p.read_text())["key"] for p in (store / "objects" / "latents").rglob("*.json")
+    }  # what denoise finished before the kill
+    assert count(store, "encode") == 4 and 1 <= len(written) < 4
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    assert main(["resume", str(out / "r")]) == 0
+    manifest = json.loads((out / "r" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["store"] == str(store)
+    done_before = [item["index"] for item in manifest["items"] if item["keys"]["latents"] in written]
+    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
+    assert did(manifest, "denoise") == (False, [i for i in range(4) if i not in done_before], done_before)
+    assert did(manifest, "decode") == (False, [0, 1, 2, 3], [])
+    assert "encode   no process: all 4 items in the store" in capsys.readouterr().out
+    assert_same_as(reference, out / "r")
+
+
+def test_two_concurrent_runs_over_one_store_compute_every_artifact_once(
+    reference: dict, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STAGEDIFF_TEST_BATCH_DELAY", "0.3")
+    store, out = tmp_path / "store", tmp_path / "out"
+    # b shares a's prompt 1 entirely (same seed) and a's prompt 2's embeddings only (another seed)
+    prompts = {"a": PROMPTS[:3], "b": [PROMPTS[2], PROMPTS[1], "a green forest"]}
+    manifests: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            manifests[name] = generate(tiny_model, out, name, store, prompts=prompts[name])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert not errors, errors
+    for stage, field in FIELDS.items():
+        computed = Counter(
+            m["items"][i]["keys"][field] for m in manifests.values() for i in m["stages"][stage]["computed"]
+        )
+        every = {item["keys"][field] for m in manifests.values() for item in m["items"]}
+        assert set(computed) == every and set(computed.values()) == {1}, (stage, computed)
+    assert len({item["keys"]["embeddings"] for m in manifests.values() for item in m["items"]}) == 4
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.5, height=64, width=64, max_sequence_length=16)
+    for name, manifest in manifests.items():
+        expected = reference_images(tiny_model, prompts[name], seed=5, **kwargs)
+        for item, image in zip(manifest["items"], expected, strict=True):
+            np.testing.assert_array_equal(read_image(out / name / item["image"]), image)
+
+
+def damage(store: Store, manifest: dict, index: int, field: str, how: str) -> str:
+    """Damage one item's object in the store; return its path."""
+    kind = {"embeddings": "embeddings", "latents": "latents", "image": "images"}[field]
+    key = manifest["items"][index]["keys"][field]
+    name = store.object_name(kind, key)
+    data = store.load(kind, key)
+    if how == "truncate":
+        store.write(name, data[: len(data) // 2])
+    elif how == "flip":
+        store.write(name, data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    else:  # foreign: another item's object with a record that claims to be this one
+        other = manifest["items"][(index + 1) % len(manifest["items"])]["keys"][field]
+        record = json.loads(store.read(store.record_name(kind, other)))
+        store.write(name, store.load(kind, other))
+        store.write(store.record_name(kind, key), json.dumps({**record, "key": key}).encode())
+    return store.path(name)
+
+
+def test_damaged_artifacts_are_recomputed_with_a_warning_or_stop_a_strict_run(
+    reference: dict, tiny_model: Path, tmp_path: Path, capsys, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from stagediff.cli import main
+
+    shutil.copytree(reference["store"], tmp_path / "store")
+    store, out = Store(tmp_path / "store"), tmp_path / "out"
+    manifest = reference["manifest"]
+    damaged = {
+        ("embeddings", 2): damage(store, manifest, 2, "embeddings", "flip"),
+        ("latents", 1): damage(store, manifest, 1, "latents", "truncate"),
+        ("image", 3): damage(store, manifest, 3, "image", "foreign"),
+    }
+    result = generate(tiny_model, out, "r", store.location)
+    # Each damaged artifact was recomputed, nothing else; what depends on it was not (same key)
+    assert did(result, "encode") == (False, [2], [0, 1, 3]) and result["stages"]["encode"]["damaged"] == [2]
+    assert did(result, "denoise") == (False, [1], [0, 2, 3]) and result["stages"]["denoise"]["damaged"] == [1]
+    assert did(result, "decode") == (False, [3], [0, 1, 2]) and result["stages"]["decode"]["damaged"] == [3]
+    assert_same_as(reference, out / "r")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for path in damaged.values():
+        assert any(path in w and "computing it again" in w for w in warnings), (path, warnings)
+
+    # --strict: the run stops at the first damaged artifact, naming it, before any stage process
+    path = damage(store, manifest, 0, "latents", "flip")
+    with pytest.raises(ArtifactError, match=f"artifact {path} is corrupted"):
+        generate(tiny_model, out, "strict", store.location, strict=True)
+    failed = json.loads((out / "strict" / "manifest.json").read_text())
+    assert failed["status"] == "failed" and "denoise" not in failed["stages"]
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    assert main(["resume", str(out / "strict"), "--strict"]) == 1
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1].startswith(f"stagediff: error: artifact {path} is corrupted")
+    )
+
+
+def test_only_decode_changes_load_no_text_encoder_and_no_transformer(
+    reference: dict, tiny_model: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(reference["store"], tmp_path / "store")
+    # Same text encoders and transformer, another VAE of the same shape
+    other_vae = tmp_path / "other-vae"
+    shutil.copytree(tiny_model, other_vae)
+    shutil.rmtree(other_vae / "vae")
+    shutil.copytree(build_tiny_flux(tmp_path / "seed7", TinyFluxConfig(seed=7)) / "vae", other_vae / "vae")
+    manifest = generate(other_vae, tmp_path / "out", "vae", tmp_path / "store")
+    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
+    assert did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
+    assert did(manifest, "decode") == (False, [0, 1, 2, 3], [])
+    assert tensors(files_of(tmp_path / "out" / "vae", "latents")) == tensors(reference["latents"])
+    assert files_of(tmp_path / "out" / "vae", "image") != reference["image"]
+    # Only the steps change: the embeddings are reused
+    manifest = generate(tiny_model, tmp_path / "out", "steps", tmp_path / "store", steps=3)
+    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
+    assert did(manifest, "denoise")[1] == [0, 1, 2, 3]
+
+
+def test_a_store_at_an_fsspec_url(reference: dict, tiny_model: Path, tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'store'}"
+    first = generate(tiny_model, tmp_path / "out", "one", url, prompts=PROMPTS[:2])
+    again = generate(tiny_model, tmp_path / "out", "two", url, prompts=PROMPTS[:2])
+    assert [did(first, s)[1] for s in FIELDS] == [[0, 1]] * 3
+    assert [did(again, s)[0] for s in FIELDS] == [True] * 3
+    run_dir = tmp_path / "out" / "two"
+    assert files_of(run_dir, "image") == reference["image"][:2]
+    store = Store(url)
+    image = store.path(store.object_name("images", again["items"][0]["keys"]["image"]))
+    assert not os.path.samefile(image, run_dir / "images" / "00000.png")  # URL stores copy
