@@ -201,8 +201,9 @@ def write_run(tmp_path: Path, store: Store, name: str, referenced: list[str]) ->
     return run
 
 
-def test_gc_removes_only_unreferenced_old_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    store = Store(tmp_path / "store")
+def test_gc_removes_only_unreferenced_old_artifacts(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     every = [f"{i:02d}" + "c" * 62 for i in range(4)]
     for key in every:
         put_embeddings(store, key)
