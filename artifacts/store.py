@@ -67,6 +67,8 @@ def is_url(location: str) -> bool:
 
 
 class Store:
+    """A store at a local folder (full guarantees) or an fsspec URL (see the module docstring)."""
+
     def __init__(self, location: str | Path) -> None:
         self.location = str(location)
         self.local = not is_url(self.location)
@@ -113,9 +115,8 @@ class Store:
         """Store-relative names of every file under `folder`."""
         if self.local:
             base = Path(self.path(folder))
-            return (
-                sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()) if base.exists() else []
-            )
+            files = base.rglob("*") if base.exists() else []
+            return sorted(str(p.relative_to(self.root)) for p in files if p.is_file())
         if not self.fs.exists(self.path(folder)):
             return []
         prefix = self.root.rstrip("/") + "/"

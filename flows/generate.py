@@ -112,7 +112,7 @@ def generate(
             result = encode_task.with_options(retries=retries)(
                 ctx, prompts_, request.max_sequence_length, keys_of(manifest, "encode", todo)
             )
-        embeddings = record(manifest, run_dir, artifact_store, "encode", todo, damaged, result)
+        embeddings = record(manifest, run_dir, artifact_store, "encode", damaged, result)
         # 4. Denoise embeddings + seeded noise -> latents
         todo, damaged = stage_todo(manifest, artifact_store, "denoise", strict)
         result = None
@@ -122,7 +122,7 @@ def generate(
                 ctx, items, request.steps, request.guidance, request.height, request.width,
                 request.max_sequence_length, keys_of(manifest, "denoise", todo),
             )  # fmt: skip
-        latents = record(manifest, run_dir, artifact_store, "denoise", todo, damaged, result)
+        latents = record(manifest, run_dir, artifact_store, "denoise", damaged, result)
         # 5. Decode latents -> PNG images
         todo, damaged = stage_todo(manifest, artifact_store, "decode", strict)
         result = None
@@ -131,7 +131,7 @@ def generate(
             result = decode_task.with_options(retries=retries)(
                 ctx, items, request.height, request.width, keys_of(manifest, "decode", todo)
             )
-        record(manifest, run_dir, artifact_store, "decode", todo, damaged, result)
+        record(manifest, run_dir, artifact_store, "decode", damaged, result)
     except BaseException as exc:
         manifest["status"] = "failed"
         manifest["error"] = f"{type(exc).__name__}: {exc}"

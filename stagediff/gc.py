@@ -7,6 +7,7 @@ its manifest still exists; deleting a run folder releases its artifacts. Only ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -82,18 +83,20 @@ def collect_garbage(store: Store, older_than: float, dry_run: bool = False) -> G
     now = time.time()
     by_key: dict[tuple[str, str], list[str]] = {}
     for name in store.list("objects"):
-        parts = name.split("/")
-        kind, base = parts[1], parts[-1]
-        if kind not in KINDS or len(parts) != 4:
+        parts = name.split("/")  # objects/<kind>/<key[:2]>/<file>
+        if len(parts) != 4 or parts[1] not in KINDS:
             continue
-        key = base.lstrip(".").split(".")[0]
-        by_key.setdefault((kind, key), []).append(name)
+        key = parts[3].lstrip(".").split(".")[0]  # <key>.json, <key>.png, .<key>.png.<random>.tmp
+        by_key.setdefault((parts[1], key), []).append(name)
     # 3. Remove the unreferenced, old enough ones (claimed ones are being written: left alone)
     for (kind, key), names in sorted(by_key.items()):
         if key in keep:
             report.referenced += 1
             continue
-        stats = {name: store.stat(name) for name in names}
+        stats = {}
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):  # a temporary file renamed meanwhile
+                stats[name] = store.stat(name)
         newest = max((mtime for _, mtime in stats.values() if mtime is not None), default=None)
         if newest is None:  # a filesystem without modification times: the record says when it was made
             newest = created(store, kind, key)

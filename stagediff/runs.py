@@ -117,7 +117,6 @@ def record(
     run_dir: Path,
     store: Store,
     stage: str,
-    todo: list[int],
     damaged: dict[int, str],
     result: dict[str, Any] | None,
 ) -> list[ItemRef]:

@@ -166,7 +166,11 @@ def test_kill_9_of_stage_processes_at_several_points_then_rerun(
     assert_same_as(reference, run_dir)
 
 
-def test_kill_9_of_the_whole_flow_then_stagediff_resume(
+def written_keys(store: Path, stage: str) -> set[str]:
+    return {json.loads(p.read_text())["key"] for p in (store / "objects" / KINDS[stage]).rglob("*.json")}
+
+
+def test_kill_9_of_the_whole_flow_in_each_stage_then_stagediff_resume(
     reference: dict, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     from prefect.settings import PREFECT_API_URL
@@ -176,36 +180,44 @@ def test_kill_9_of_the_whole_flow_then_stagediff_resume(
     store, out = tmp_path / "store", tmp_path / "out"
     store.mkdir()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "STAGEDIFF_TEST_BATCH_DELAY": DELAY}
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "stagediff.cli", *cli_args(tiny_model, out, "r", store)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        killer = Killer("denoise", cli.pid, store, after=1, victim=cli.pid)
-        killer.start()
-        killer.join(300)
-        assert cli.wait(30) == -signal.SIGKILL
-        deadline = time.time() + 30  # the stage process notices its flow is gone and exits by itself
-        while not gone(killer.stage_pid):
-            assert time.time() < deadline, "the denoise process outlived its flow"
-            time.sleep(0.05)
-    finally:
-        cli.kill()
-    written = {
-        json.loads(p.read_text())["key"] for p in (store / "objects" / "latents").rglob("*.json")
-    }  # what denoise finished before the kill
-    assert count(store, "encode") == 4 and 1 <= len(written) < 4
+    for stage in ("encode", "denoise", "decode"):  # each command resumes the one killed before it
+        before = written_keys(store, stage)
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "stagediff.cli", *cli_args(tiny_model, out, "r", store)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            killer = Killer(stage, cli.pid, store, after=1, victim=cli.pid)
+            killer.start()
+            killer.join(300)
+            assert cli.wait(30) == -signal.SIGKILL
+            deadline = time.time() + 30  # the stage process notices its flow is gone and exits by itself
+            while not gone(killer.stage_pid):
+                assert time.time() < deadline, f"the {stage} process outlived its flow"
+                time.sleep(0.05)
+        finally:
+            cli.kill()
+        manifest = json.loads((out / "r" / "manifest.json").read_text())
+        assert manifest["status"] == "running"  # it never got to say otherwise
+        assert 1 <= len(written_keys(store, stage) - before) < 4  # killed inside the stage
+        if stage != "encode":  # the stage before it finished in this command, computing only what was missing
+            previous = {"denoise": "encode", "decode": "denoise"}[stage]
+            computed = manifest["stages"][previous]["computed"]
+            assert 0 < len(computed) < 4 and manifest["stages"][previous]["reused"] == [
+                i for i in range(4) if i not in computed
+            ]
+    images_before = written_keys(store, "decode")
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
     assert main(["resume", str(out / "r")]) == 0
     manifest = json.loads((out / "r" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["store"] == str(store)
-    done_before = [item["index"] for item in manifest["items"] if item["keys"]["latents"] in written]
+    done_before = [item["index"] for item in manifest["items"] if item["keys"]["image"] in images_before]
     assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "denoise") == (False, [i for i in range(4) if i not in done_before], done_before)
-    assert did(manifest, "decode") == (False, [0, 1, 2, 3], [])
+    assert did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
+    assert did(manifest, "decode") == (False, [i for i in range(4) if i not in done_before], done_before)
     assert "encode   no process: all 4 items in the store" in capsys.readouterr().out
     assert_same_as(reference, out / "r")
 
