@@ -12,7 +12,7 @@ from artifacts import write_manifest
 from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.request import Dtype, validate_request
 from stagediff.runs import new_run_id, open_manifest, record, reuse
-from stagediff.spec import StageContext
+from stagediff.spec import DenoiseSettings, StageContext
 from tasks import decode_task, denoise_task, encode_task
 
 
@@ -20,14 +20,21 @@ from tasks import decode_task, denoise_task, encode_task
 def generate(
     prompts: list[str],
     model: str | None = None,
+    negative_prompts: list[str] | None = None,
     steps: int = 28,
     guidance: float = 3.5,
+    true_cfg_scale: float = 1.0,
     height: int = 1024,
     width: int = 1024,
     seed: int = 0,
     max_sequence_length: int = 512,
     batch_size: int = 1,
     dtype: Dtype = "auto",
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    tiled_decode: bool = False,
+    sliced_decode: bool = False,
     max_memory: str | dict[str, str] | None = None,
     offload_dir: str | None = None,
     out: str = "outputs",
@@ -38,15 +45,23 @@ def generate(
 
     Args:
         prompts: Prompts, one image each; prompt i is seeded with `seed + i`.
-        model: Diffusers pipeline folder or Hub id; empty means the embedded tiny random model.
+        model: Diffusers pipeline folder or Hub id (FLUX.1, SD3, SDXL or SD 1.5); empty means the embedded tiny
+            random Flux model.
+        negative_prompts: One negative prompt per prompt (empty: none; SD3/SD 1.5 then use "", SDXL zeros).
         steps: Denoising steps.
-        guidance: Guidance scale (FLUX.1-dev's distilled guidance).
+        guidance: Classifier-free guidance scale (FLUX.1-dev: its distilled guidance).
+        true_cfg_scale: FLUX.1 only: > 1 runs true classifier-free guidance with the negative prompts.
         height: Image height in pixels, a multiple of 16.
         width: Image width in pixels, a multiple of 16.
         seed: Base seed: prompt i uses torch.Generator("cpu").manual_seed(seed + i).
         max_sequence_length: T5 tokens per prompt, 1 to 512.
         batch_size: Prompts per forward pass in every stage.
         dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        original_size: SDXL micro-conditioning (height, width); empty: the image size.
+        crops_coords_top_left: SDXL micro-conditioning (top, left).
+        target_size: SDXL micro-conditioning (height, width); empty: the image size.
+        tiled_decode: Decode in VAE tiles (bounded memory for large images).
+        sliced_decode: Decode one image of a batch at a time.
         max_memory: Memory per device, e.g. "0=16GiB,1=16GiB,cpu=64GiB".
         offload_dir: Folder for weights accelerate offloads to disk.
         out: Output root; this run writes under OUT/RUN_ID/.
@@ -56,9 +71,12 @@ def generate(
     logger = get_run_logger()
     # 1. Check inputs (before any model is built or loaded, and before anything is written)
     fields = dict(
-        prompts=prompts, steps=steps, guidance=guidance, height=height, width=width, seed=seed,
-        max_sequence_length=max_sequence_length, batch_size=batch_size, dtype=dtype,
-        placement={"max_memory": max_memory, "offload_dir": offload_dir}, out=out, run_id=run_id or new_run_id(),
+        prompts=prompts, negative_prompts=negative_prompts, steps=steps, guidance=guidance,
+        true_cfg_scale=true_cfg_scale, height=height, width=width, seed=seed,
+        max_sequence_length=max_sequence_length, batch_size=batch_size, dtype=dtype, original_size=original_size,
+        crops_coords_top_left=crops_coords_top_left, target_size=target_size, tiled_decode=tiled_decode,
+        sliced_decode=sliced_decode, placement={"max_memory": max_memory, "offload_dir": offload_dir}, out=out,
+        run_id=run_id or new_run_id(),
     )  # fmt: skip
     validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)
     request = validate_request(**fields, model=model or str(ensure_default_model()))
@@ -82,20 +100,33 @@ def generate(
         ran = embeddings is None
         if ran:
             prompts_ = list(enumerate(request.prompts))
-            result = encode_task.with_options(retries=retries)(ctx, prompts_, request.max_sequence_length)
+            result = encode_task.with_options(retries=retries)(
+                ctx, prompts_, request.max_sequence_length, request.negative_prompts
+            )
             embeddings = record(manifest, run_dir, "encode", result)
         # 3. Denoise embeddings + seeded noise -> latents
         latents = reuse(manifest, run_dir, "denoise", upstream_ran=ran)
         ran = ran or latents is None
         if latents is None:
             items = [(ref, request.seed_of(ref.index)) for ref in embeddings]
-            result = denoise_task.with_options(retries=retries)(
-                ctx, items, request.steps, request.guidance, request.height, request.width, request.max_sequence_length
+            settings = DenoiseSettings(
+                steps=request.steps,
+                guidance=request.guidance,
+                height=request.height,
+                width=request.width,
+                max_sequence_length=request.max_sequence_length,
+                true_cfg_scale=request.true_cfg_scale,
+                original_size=request.original_size,
+                crops_coords_top_left=request.crops_coords_top_left,
+                target_size=request.target_size,
             )
+            result = denoise_task.with_options(retries=retries)(ctx, items, settings)
             latents = record(manifest, run_dir, "denoise", result)
         # 4. Decode latents -> PNG images
         if reuse(manifest, run_dir, "decode", upstream_ran=ran) is None:
-            result = decode_task.with_options(retries=retries)(ctx, latents, request.height, request.width)
+            result = decode_task.with_options(retries=retries)(
+                ctx, latents, request.height, request.width, request.tiled_decode, request.sliced_decode
+            )
             record(manifest, run_dir, "decode", result)
     except BaseException as exc:
         manifest["status"] = "failed"

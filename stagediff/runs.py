@@ -36,6 +36,7 @@ def new_manifest(request: GenerateRequest) -> dict[str, Any]:
             {
                 "index": i,
                 "prompt": prompt,
+                "negative_prompt": request.negative_prompts[i] if request.negative_prompts is not None else None,
                 "seed": request.seed_of(i),
                 "embeddings": f"embeddings/{i:05d}.safetensors",
                 "latents": f"latents/{i:05d}.safetensors",
@@ -81,7 +82,12 @@ def record(manifest: dict[str, Any], run_dir: Path, stage: str, result: dict[str
     by_index = {item["index"]: item for item in manifest["items"]}
     for ref in result["items"]:
         by_index[ref.index]["sha256"][field] = ref.sha256
-    manifest["stages"][stage] = {**result["process"], "device_map": result["device_map"], "skipped": False}
+    manifest["stages"][stage] = {
+        **result["process"],
+        "device_map": result["device_map"],
+        "warnings": result.get("warnings", []),  # e.g. a text encoder that fell back to the CPU
+        "skipped": False,
+    }
     write_manifest(run_dir, manifest)
     return result["items"]
 

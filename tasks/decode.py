@@ -12,6 +12,8 @@ from tasks._isolated import run_stage
 
 
 @task(name="decode", cache_policy=NONE)
-def decode_task(ctx: StageContext, items: list[ItemRef], height: int, width: int) -> dict[str, Any]:
+def decode_task(
+    ctx: StageContext, items: list[ItemRef], height: int, width: int, tiled: bool = False, sliced: bool = False
+) -> dict[str, Any]:
     """Decode latents with the VAE in a fresh process; persist PNG images."""
-    return run_stage("decode", ctx, items, height, width)
+    return run_stage("decode", ctx, items, height, width, tiled, sliced)

@@ -12,6 +12,11 @@ from tasks._isolated import run_stage
 
 
 @task(name="encode", cache_policy=NONE)
-def encode_task(ctx: StageContext, prompts: list[tuple[int, str]], max_sequence_length: int) -> dict[str, Any]:
-    """Encode prompts with the text encoders in a fresh process; persist embeddings."""
-    return run_stage("encode", ctx, prompts, max_sequence_length)
+def encode_task(
+    ctx: StageContext,
+    prompts: list[tuple[int, str]],
+    max_sequence_length: int,
+    negative_prompts: list[str] | None = None,
+) -> dict[str, Any]:
+    """Encode prompts (and negative prompts) with the text encoders in a fresh process; persist embeddings."""
+    return run_stage("encode", ctx, prompts, max_sequence_length, negative_prompts)
