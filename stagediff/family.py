@@ -13,6 +13,7 @@ request; the methods run only inside the stage processes.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     import torch
 
     from stagediff.spec import DenoiseSettings
+
+log = logging.getLogger("stagediff.stages")
 
 
 class Family:
@@ -215,6 +218,8 @@ class SD15(Family):
     def postprocess(pipe, image):
         # The safety checker (when the model has one) blacks out flagged images, as in the pipeline.
         image, nsfw = pipe.run_safety_checker(image, image.device, image.dtype)
+        if nsfw is not None and any(nsfw):
+            log.warning("the safety checker blacked out %d of %d images", sum(nsfw), len(nsfw))
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize)
 

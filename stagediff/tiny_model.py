@@ -88,6 +88,7 @@ class TinySD15Config:
     attention_head_dim: int = 4  # SD 1.5: 8
     vae_channels: tuple[int, ...] = (8, 8, 16, 16)  # vae_scale_factor 8
     scheduler: str = "pndm"  # SD 1.5 ships PNDM; "ddim" and "euler" are common swaps
+    safety_checker: str | None = None  # None (many fine-tunes), "pass" (flags nothing) or "flag-all" (blacks out all)
 
 
 TinyConfig = TinyFluxConfig | TinySD3Config | TinySDXLConfig | TinySD15Config
@@ -370,16 +371,36 @@ def build_sd15_components(config: TinySD15Config) -> dict:
     )
     torch.manual_seed(config.seed + 2)
     vae = _vae(config.vae_channels, 4, scaling_factor=0.18215)  # SD 1.5 VAE values
+    torch.manual_seed(config.seed + 3)
+    safety_checker, feature_extractor = _safety_checker(config.safety_checker)
     return dict(
         scheduler=_sd_scheduler(config.scheduler),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=safety_checker is not None,
     )
+
+
+def _safety_checker(kind: str | None):
+    """SD 1.5's NSFW checker (a CLIP vision tower scored against concept embeddings) and its image processor."""
+    if kind is None:
+        return None, None
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32)
+    config = CLIPConfig(text_config=dict(hidden_size=32), vision_config=dict(vision, patch_size=8), projection_dim=32)
+    checker = StableDiffusionSafetyChecker(config)
+    if kind == "flag-all":  # an image is flagged when its cosine to a concept exceeds the concept's weight
+        with torch.no_grad():
+            checker.concept_embeds_weights.fill_(-1.0)
+    elif kind != "pass":
+        raise ValueError(f"safety_checker={kind!r}: one of None, 'pass', 'flag-all'")
+    return checker, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 # config class -> (pipeline class, components builder)

@@ -225,6 +225,15 @@ def test_tiled_decode_matches_diffusers_with_tiling(tiny, tmp_path: Path) -> Non
     assert_identical(images, reference_images(model, PROMPTS[:1], 2, tiled_decode=True, **call_kwargs("sd15", s)))
 
 
+@pytest.mark.parametrize("checker", ["pass", "flag-all"])
+def test_sd15_safety_checker_runs_in_decode_like_the_pipeline(tmp_path: Path, checker: str) -> None:
+    model = build_tiny_model(tmp_path / "model", TinySD15Config(safety_checker=checker))
+    s = settings("sd15", negatives=False)
+    images, _ = run_stages(model, tmp_path / "run", s, PROMPTS[:1], seed=6)
+    assert_identical(images, reference_images(model, PROMPTS[:1], 6, **call_kwargs("sd15", s)))
+    assert (images[0] == 0).all() == (checker == "flag-all")
+
+
 # 3. Placement: a denoiser spread over CPU and disk, sharded checkpoints
 
 

@@ -62,11 +62,14 @@ def load_pipeline(ctx: StageContext, keep: tuple[str, ...], **kwargs: Any):
     import diffusers
 
     family = family_for(ctx.model)
+    index = model_index(ctx.model)
     skipped = {
         name: None
-        for name, entry in model_index(ctx.model).items()
+        for name, entry in index.items()
         if isinstance(entry, list) and name not in (*keep, "scheduler") and name not in kwargs
     }
+    if index.get("requires_safety_checker") and "safety_checker" not in keep:
+        skipped["requires_safety_checker"] = False  # SD 1.5: the checker runs in `decode`, not missing here
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
         ctx.model, dtype=torch_dtype(ctx.dtype), use_safetensors=True, **skipped, **kwargs
     )
