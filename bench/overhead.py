@@ -41,7 +41,7 @@ for i, image in enumerate(images):
 def stage_startup(model: str, work: Path, repeats: int) -> dict[str, dict[str, list[float]]]:
     """Per start method and stage: start-up and total seconds of each run of the real stages."""
     from stagediff.isolation import run_isolated, warm_up
-    from stagediff.spec import StageContext
+    from stagediff.spec import DenoiseSettings, StageContext
 
     results: dict[str, dict[str, list[float]]] = {}
     for method in ("forkserver", "spawn"):
@@ -56,9 +56,8 @@ def stage_startup(model: str, work: Path, repeats: int) -> dict[str, dict[str, l
             prompts = list(enumerate(PROMPTS))
             enc, s_enc = run_isolated("stagediff.stages.encode:encode", ctx, prompts, 32, name="encode")
             items = [(ref, 7 + ref.index) for ref in enc["items"]]
-            den, s_den = run_isolated(
-                "stagediff.stages.denoise:denoise", ctx, items, 2, 3.5, 64, 64, 32, name="denoise"
-            )
+            settings = DenoiseSettings(steps=2, guidance=3.5, height=64, width=64, max_sequence_length=32)
+            den, s_den = run_isolated("stagediff.stages.denoise:denoise", ctx, items, settings, name="denoise")
             _, s_dec = run_isolated("stagediff.stages.decode:decode", ctx, den["items"], 64, 64, name="decode")
             for stage, stats in (("encode", s_enc), ("denoise", s_den), ("decode", s_dec)):
                 row = results.setdefault(f"{method}/{stage}", {"startup": [], "seconds": []})

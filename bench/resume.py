@@ -27,12 +27,13 @@ SETTINGS = ["--steps", "4", "--height", "128", "--width", "128", "--max-sequence
 REMAINING_SCRIPT = """
 import json, sys
 from pathlib import Path
-from stagediff.stages import ItemRef, StageContext, decode, denoise
+from stagediff.stages import DenoiseSettings, ItemRef, StageContext, decode, denoise
 run_dir = Path(sys.argv[1])
 manifest = json.loads((run_dir / "manifest.json").read_text())
 ctx = StageContext(model=manifest["model"], run_dir=str(run_dir), dtype="auto", batch_size=2)
 refs = [(ItemRef(i["index"], i["embeddings"], i["sha256"]["embeddings"]), i["seed"]) for i in manifest["items"]]
-latents = denoise(ctx, refs, 4, 3.5, 128, 128, 64)["items"]
+settings = DenoiseSettings(steps=4, guidance=3.5, height=128, width=128, max_sequence_length=64)
+latents = denoise(ctx, refs, settings)["items"]
 decode(ctx, latents, 128, 128)
 """
 
