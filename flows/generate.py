@@ -47,7 +47,8 @@ def generate(
         prompts: Prompts, one image each; prompt i is seeded with `seed + i`.
         model: Diffusers pipeline folder or Hub id (FLUX.1, SD3, SDXL or SD 1.5); empty means the embedded tiny
             random Flux model.
-        negative_prompts: One negative prompt per prompt (empty: none; SD3/SD 1.5 then use "", SDXL zeros).
+        negative_prompts: One negative prompt per prompt. Without them SD3 and SD 1.5 use "", SDXL zeros (when the
+            model forces zeros for empty prompts); FLUX.1 needs them for true_cfg_scale > 1.
         steps: Denoising steps.
         guidance: Classifier-free guidance scale (FLUX.1-dev: its distilled guidance).
         true_cfg_scale: FLUX.1 only: > 1 runs true classifier-free guidance with the negative prompts.

@@ -73,7 +73,9 @@ class Flux(Family):
     true_cfg = True
 
     @staticmethod
-    def encode(pipe, prompts, negative_prompts, max_sequence_length):
+    def encode(
+        pipe: Any, prompts: list[str], negative_prompts: list[str] | None, max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
         # prompt_embeds (B, seq, t5_dim), pooled_prompt_embeds (B, clip_dim); negatives only when given:
         # FLUX.1-dev is guidance-distilled and runs a negative pass only for true CFG.
         out = {}
@@ -86,7 +88,7 @@ class Flux(Family):
         return out
 
     @staticmethod
-    def denoise_kwargs(embeddings, settings):
+    def denoise_kwargs(embeddings: dict[str, torch.Tensor], settings: DenoiseSettings) -> dict[str, Any]:
         return dict(
             embeddings,
             guidance_scale=settings.guidance,
@@ -95,7 +97,7 @@ class Flux(Family):
         )
 
     @staticmethod
-    def latents_for_vae(latents, vae_config, height, width):
+    def latents_for_vae(latents: torch.Tensor, vae_config: Any, height: int, width: int) -> torch.Tensor:
         from diffusers import FluxPipeline
 
         # packed (B, seq, 4C) -> (B, C, H/8, W/8)
@@ -112,7 +114,9 @@ class SD3(Family):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
     @staticmethod
-    def encode(pipe, prompts, negative_prompts, max_sequence_length):
+    def encode(
+        pipe: Any, prompts: list[str], negative_prompts: list[str] | None, max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
         # prompt_embeds (B, 77 + seq, t5_dim), pooled_prompt_embeds (B, clip_dim + clip_2_dim), and the same
         # for the negatives; without negative prompts the pipeline encodes "" (here, not in `denoise`).
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
@@ -131,11 +135,11 @@ class SD3(Family):
         }
 
     @staticmethod
-    def denoise_kwargs(embeddings, settings):
+    def denoise_kwargs(embeddings: dict[str, torch.Tensor], settings: DenoiseSettings) -> dict[str, Any]:
         return dict(embeddings, guidance_scale=settings.guidance, max_sequence_length=settings.max_sequence_length)
 
     @staticmethod
-    def latents_for_vae(latents, vae_config, height, width):
+    def latents_for_vae(latents: torch.Tensor, vae_config: Any, height: int, width: int) -> torch.Tensor:
         return latents / vae_config.scaling_factor + vae_config.shift_factor
 
 
@@ -149,7 +153,9 @@ class SDXL(Family):
     upcast_vae = True
 
     @staticmethod
-    def encode(pipe, prompts, negative_prompts, max_sequence_length):
+    def encode(
+        pipe: Any, prompts: list[str], negative_prompts: list[str] | None, max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
         # prompt_embeds (B, 77, clip_dim + clip_2_dim), pooled_prompt_embeds (B, clip_2_projection), and the
         # negatives: zeros when there is no negative prompt and `force_zeros_for_empty_prompt` is set.
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
@@ -163,7 +169,7 @@ class SDXL(Family):
         }
 
     @staticmethod
-    def denoise_kwargs(embeddings, settings):
+    def denoise_kwargs(embeddings: dict[str, torch.Tensor], settings: DenoiseSettings) -> dict[str, Any]:
         # The pipeline builds `add_time_ids` from these sizes and the pooled embedding's width.
         return dict(
             embeddings,
@@ -174,7 +180,7 @@ class SDXL(Family):
         )
 
     @staticmethod
-    def latents_for_vae(latents, vae_config, height, width):
+    def latents_for_vae(latents: torch.Tensor, vae_config: Any, height: int, width: int) -> torch.Tensor:
         import torch
 
         if vae_config.latents_mean is not None and vae_config.latents_std is not None:
@@ -184,7 +190,7 @@ class SDXL(Family):
         return latents / vae_config.scaling_factor
 
     @staticmethod
-    def postprocess(pipe, image):
+    def postprocess(pipe: Any, image: torch.Tensor) -> list[Any]:
         if pipe.watermark is not None:  # diffusers adds it when invisible-watermark is installed
             image = pipe.watermark.apply_watermark(image)
         return pipe.image_processor.postprocess(image, output_type="pil")
@@ -199,23 +205,29 @@ class SD15(Family):
     decode_components = ("vae", "safety_checker", "feature_extractor")
 
     @staticmethod
-    def encode(pipe, prompts, negative_prompts, max_sequence_length):
+    def encode(
+        pipe: Any, prompts: list[str], negative_prompts: list[str] | None, max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
         # prompt_embeds and negative_prompt_embeds (B, 77, clip_dim); no negative prompt means "".
         embeds, negative_embeds = pipe.encode_prompt(
-            prompts, pipe._execution_device, 1, True, negative_prompt=negative_prompts
+            prompt=prompts,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative_prompts,
         )
         return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
 
     @staticmethod
-    def denoise_kwargs(embeddings, settings):
+    def denoise_kwargs(embeddings: dict[str, torch.Tensor], settings: DenoiseSettings) -> dict[str, Any]:
         return dict(embeddings, guidance_scale=settings.guidance)
 
     @staticmethod
-    def latents_for_vae(latents, vae_config, height, width):
+    def latents_for_vae(latents: torch.Tensor, vae_config: Any, height: int, width: int) -> torch.Tensor:
         return latents / vae_config.scaling_factor
 
     @staticmethod
-    def postprocess(pipe, image):
+    def postprocess(pipe: Any, image: torch.Tensor) -> list[Any]:
         # The safety checker (when the model has one) blacks out flagged images, as in the pipeline.
         image, nsfw = pipe.run_safety_checker(image, image.device, image.dtype)
         if nsfw is not None and any(nsfw):

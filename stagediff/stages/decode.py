@@ -30,8 +30,8 @@ def decode_device(ctx: StageContext) -> str:
 
 def load_decoder(ctx: StageContext, tiled: bool = False, sliced: bool = False):
     """The pipeline with only its VAE (and what `decode_components` adds, when on disk), on one device."""
-    family = family_for(ctx.model)
-    present = tuple(name for name in family.decode_components if (model_index(ctx.model).get(name) or [None])[0])
+    family, index = family_for(ctx.model), model_index(ctx.model)
+    present = tuple(name for name in family.decode_components if (index.get(name) or [None])[0])  # not null
     pipe = load_pipeline(ctx, present).to(decode_device(ctx))
     if family.upcast_vae and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # as the pipeline does: this VAE overflows in float16
