@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all test-gpu lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,8 +25,11 @@ test: install  ## the CPU test suite (what CI runs)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
 
-test-all: install  ## also the opt-in slow tests
+test-all: install  ## also the opt-in slow tests (and the GPU tests, which skip without CUDA)
 	$(VENV)/bin/pytest -q -m "slow or not slow"
+
+test-gpu: install  ## the placement tests that need CUDA
+	$(VENV)/bin/pytest -q -m gpu
 
 lint:
 	$(VENV)/bin/ruff check .

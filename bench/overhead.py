@@ -43,6 +43,7 @@ def stage_startup(model: str, work: Path, repeats: int) -> dict[str, dict[str, l
     from stagediff.isolation import run_isolated, warm_up
     from stagediff.keys import item_keys, resolve_dtype
     from stagediff.request import validate_request
+    from stagediff.runs import denoise_settings
     from stagediff.spec import StageContext
 
     results: dict[str, dict[str, list[float]]] = {}
@@ -54,7 +55,8 @@ def stage_startup(model: str, work: Path, repeats: int) -> dict[str, dict[str, l
             run_isolated("stagediff.stages.common:accelerator_count", name="warm-up")  # waits for the preload
             results["forkserver_boot_seconds"] = {"all": [round(time.perf_counter() - t0, 3)]}
         request = validate_request(prompts=PROMPTS, model=model, run_id="bench", **SETTINGS)
-        keys = item_keys(request, resolve_dtype("auto"))
+        settings = denoise_settings(request)
+        keys = item_keys(request, settings, resolve_dtype("auto"))
         keys_of = {field: {i: k[field] for i, k in enumerate(keys)} for field in ("embeddings", "latents", "image")}
         for r in range(repeats):
             run_dir = work / f"{method}-{r}"  # and a fresh store in it: every stage computes everything
@@ -67,7 +69,7 @@ def stage_startup(model: str, work: Path, repeats: int) -> dict[str, dict[str, l
             )
             items = [(ref, 7 + ref.index) for ref in enc["items"]]
             den, s_den = run_isolated(
-                "stagediff.stages.denoise:denoise", ctx, items, 2, 3.5, 64, 64, 32, keys_of["latents"], name="denoise"
+                "stagediff.stages.denoise:denoise", ctx, items, settings, keys_of["latents"], name="denoise"
             )
             _, s_dec = run_isolated(
                 "stagediff.stages.decode:decode", ctx, den["items"], 64, 64, keys_of["image"], name="decode"

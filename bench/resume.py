@@ -30,14 +30,15 @@ REMAINING_SCRIPT = """
 import json, sys
 from pathlib import Path
 from artifacts import Store
-from stagediff.stages import ItemRef, StageContext, decode, denoise
+from stagediff.stages import DenoiseSettings, ItemRef, StageContext, decode, denoise
 run_dir, store = Path(sys.argv[1]), sys.argv[2]
 manifest = json.loads((run_dir / "manifest.json").read_text())
 ctx = StageContext(model=manifest["model"], run_dir=str(run_dir), dtype="auto", batch_size=2, store=store)
 items = manifest["items"]
 todo = [i for i in items if Store(store).check("latents", i["keys"]["latents"]) is None]
 refs = [(ItemRef(i["index"], "embeddings", i["keys"]["embeddings"], ""), i["seed"]) for i in todo]
-denoise(ctx, refs, 4, 3.5, 128, 128, 64, {i["index"]: i["keys"]["latents"] for i in todo})
+settings = DenoiseSettings(steps=4, guidance=3.5, height=128, width=128, max_sequence_length=64)
+denoise(ctx, refs, settings, {i["index"]: i["keys"]["latents"] for i in todo})
 latents = [ItemRef(i["index"], "latents", i["keys"]["latents"], "") for i in items]
 decode(ctx, latents, 128, 128, {i["index"]: i["keys"]["image"] for i in items})
 """

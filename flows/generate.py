@@ -14,7 +14,16 @@ from artifacts import Store, write_manifest
 from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.keys import item_keys, resolve_dtype
 from stagediff.request import Dtype, validate_request
-from stagediff.runs import check_store, keys_of, missing, new_run_id, open_manifest, plan, record
+from stagediff.runs import (
+    check_store,
+    denoise_settings,
+    keys_of,
+    missing,
+    new_run_id,
+    open_manifest,
+    plan,
+    record,
+)
 from stagediff.spec import StageContext
 from tasks import decode_task, denoise_task, encode_task
 
@@ -35,14 +44,21 @@ def stage_todo(manifest: dict[str, Any], store: Store, stage: str, strict: bool)
 def generate(
     prompts: list[str],
     model: str | None = None,
+    negative_prompts: list[str] | None = None,
     steps: int = 28,
     guidance: float = 3.5,
+    true_cfg_scale: float = 1.0,
     height: int = 1024,
     width: int = 1024,
     seed: int = 0,
     max_sequence_length: int = 512,
     batch_size: int = 1,
     dtype: Dtype = "auto",
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    tiled_decode: bool = False,
+    sliced_decode: bool = False,
     max_memory: str | dict[str, str] | None = None,
     offload_dir: str | None = None,
     out: str = "outputs",
@@ -55,15 +71,24 @@ def generate(
 
     Args:
         prompts: Prompts, one image each; prompt i is seeded with `seed + i`.
-        model: Diffusers pipeline folder or Hub id; empty means the embedded tiny random model.
+        model: Diffusers pipeline folder or Hub id (FLUX.1, SD3, SDXL or SD 1.5); empty means the embedded tiny
+            random Flux model.
+        negative_prompts: One negative prompt per prompt. Without them SD3 and SD 1.5 use "", SDXL zeros (when the
+            model forces zeros for empty prompts); FLUX.1 needs them for true_cfg_scale > 1.
         steps: Denoising steps.
-        guidance: Guidance scale (FLUX.1-dev's distilled guidance).
+        guidance: Classifier-free guidance scale (FLUX.1-dev: its distilled guidance).
+        true_cfg_scale: FLUX.1 only: > 1 runs true classifier-free guidance with the negative prompts.
         height: Image height in pixels, a multiple of 16.
         width: Image width in pixels, a multiple of 16.
         seed: Base seed: prompt i uses torch.Generator("cpu").manual_seed(seed + i).
         max_sequence_length: T5 tokens per prompt, 1 to 512.
         batch_size: Prompts per forward pass in every stage.
         dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        original_size: SDXL micro-conditioning (height, width); empty: the image size.
+        crops_coords_top_left: SDXL micro-conditioning (top, left).
+        target_size: SDXL micro-conditioning (height, width); empty: the image size.
+        tiled_decode: Decode in VAE tiles (bounded memory for large images).
+        sliced_decode: Decode one image of a batch at a time.
         max_memory: Memory per device, e.g. "0=16GiB,1=16GiB,cpu=64GiB".
         offload_dir: Folder for weights accelerate offloads to disk.
         out: Output root; this run writes under OUT/RUN_ID/.
@@ -75,9 +100,12 @@ def generate(
     logger = get_run_logger()
     # 1. Check inputs (before any model is built or loaded, and before anything is written)
     fields = dict(
-        prompts=prompts, steps=steps, guidance=guidance, height=height, width=width, seed=seed,
-        max_sequence_length=max_sequence_length, batch_size=batch_size, dtype=dtype,
-        placement={"max_memory": max_memory, "offload_dir": offload_dir}, out=out, run_id=run_id or new_run_id(),
+        prompts=prompts, negative_prompts=negative_prompts, steps=steps, guidance=guidance,
+        true_cfg_scale=true_cfg_scale, height=height, width=width, seed=seed,
+        max_sequence_length=max_sequence_length, batch_size=batch_size, dtype=dtype, original_size=original_size,
+        crops_coords_top_left=crops_coords_top_left, target_size=target_size, tiled_decode=tiled_decode,
+        sliced_decode=sliced_decode, placement={"max_memory": max_memory, "offload_dir": offload_dir}, out=out,
+        run_id=run_id or new_run_id(),
     )  # fmt: skip
     validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)
     store_location = check_store(store, out)
@@ -87,7 +115,8 @@ def generate(
     dtype = resolve_dtype(request.dtype)
     # 2. Name every artifact by its content key; the store may hold some already
     artifact_store = Store(store_location)
-    plan(manifest, item_keys(request, dtype), artifact_store)
+    settings = denoise_settings(request)
+    plan(manifest, item_keys(request, settings, dtype), artifact_store)
     manifest.update(status="running", flow_pid=os.getpid())
     write_manifest(run_dir, manifest)
     artifact_store.register_run(run_dir / "manifest.json")
@@ -104,13 +133,14 @@ def generate(
         pause_after_batch=float(os.environ.get("STAGEDIFF_TEST_BATCH_DELAY", 0)),
     )
     try:
-        # 3. Encode prompts -> embeddings
+        # 3. Encode prompts (and negative prompts) -> embeddings
         todo, damaged = stage_todo(manifest, artifact_store, "encode", strict)
         result = None
         if todo:
             prompts_ = [(i, request.prompts[i]) for i in todo]
+            negatives = [request.negative_prompts[i] for i in todo] if request.negative_prompts is not None else None
             result = encode_task.with_options(retries=retries)(
-                ctx, prompts_, request.max_sequence_length, keys_of(manifest, "encode", todo)
+                ctx, prompts_, request.max_sequence_length, keys_of(manifest, "encode", todo), negatives
             )
         embeddings = record(manifest, run_dir, artifact_store, "encode", damaged, result)
         # 4. Denoise embeddings + seeded noise -> latents
@@ -119,9 +149,8 @@ def generate(
         if todo:
             items = [(embeddings[i], request.seed_of(i)) for i in todo]
             result = denoise_task.with_options(retries=retries)(
-                ctx, items, request.steps, request.guidance, request.height, request.width,
-                request.max_sequence_length, keys_of(manifest, "denoise", todo),
-            )  # fmt: skip
+                ctx, items, settings, keys_of(manifest, "denoise", todo)
+            )
         latents = record(manifest, run_dir, artifact_store, "denoise", damaged, result)
         # 5. Decode latents -> PNG images
         todo, damaged = stage_todo(manifest, artifact_store, "decode", strict)
@@ -129,8 +158,9 @@ def generate(
         if todo:
             items = [latents[i] for i in todo]
             result = decode_task.with_options(retries=retries)(
-                ctx, items, request.height, request.width, keys_of(manifest, "decode", todo)
-            )
+                ctx, items, request.height, request.width, keys_of(manifest, "decode", todo),
+                request.tiled_decode, request.sliced_decode,
+            )  # fmt: skip
         record(manifest, run_dir, artifact_store, "decode", damaged, result)
     except BaseException as exc:
         manifest["status"] = "failed"

@@ -1,8 +1,8 @@
 """Content keys: every artifact is named by the sha256 of everything that determines it.
 
-    embeddings = H(text encoders + tokenizers, prompt, negative prompt, max sequence length, dtype)
-    latents    = H(embeddings key, denoiser, scheduler config, steps, guidance, size, seed, dtype)
-    image      = H(latents key, VAE, dtype)
+    embeddings = H(family, text encoders + tokenizers, prompt, negative prompt, max sequence length, dtype)
+    latents    = H(embeddings key, denoiser, scheduler config, latent geometry, DenoiseSettings, seed, dtype)
+    image      = H(latents key, VAE (+ SD 1.5's safety checker), tiled/sliced decoding, dtype)
 
 A model component's identity is a fingerprint of its config and weight files. Hashing weights is
 paid once per file: file hashes are cached by path, size and mtime (`$STAGEDIFF_CACHE/fingerprints.json`),
@@ -15,19 +15,20 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from artifacts import atomic_write_bytes, sha256_file
 from stagediff.default_model import cache_dir
+from stagediff.family import family_for, model_index, vae_scale_factor
 
 if TYPE_CHECKING:
     from stagediff.request import GenerateRequest
+    from stagediff.spec import DenoiseSettings
 
 KEY_VERSION = 1  # bump when a stage's math changes so that old artifacts are no longer reused
 FINGERPRINTED = (".json", ".txt", ".model", ".safetensors")  # what from_pretrained reads (no pickles)
-DENOISERS = ("transformer", "unet")
 
 
 def digest(fields: dict[str, Any]) -> str:
@@ -76,30 +77,31 @@ def component_fingerprint(model: Path, component: str, hashes: FileHashes) -> st
 class ModelIdentity:
     """The parts of a diffusers pipeline folder that each stage's outputs depend on."""
 
-    pipeline: str  # model_index.json's _class_name
-    text: dict[str, str]  # text encoders and tokenizers -> fingerprint
+    pipeline: str  # model_index.json's _class_name (the family)
+    text: dict[str, str]  # the family's text encoders and tokenizers -> fingerprint
     denoiser: dict[str, str]  # transformer or unet -> fingerprint
     scheduler: dict[str, Any]  # the scheduler's config
-    vae: str  # fingerprint
+    decoder: dict[str, str]  # the VAE (and SD 1.5's safety checker) -> fingerprint
     vae_scale_factor: int  # the latent geometry denoise uses
 
 
 def model_identity(model: str | Path) -> ModelIdentity:
     model = Path(model)
-    index = json.loads((model / "model_index.json").read_text())
-    present = [name for name, entry in index.items() if not name.startswith("_") and entry and entry[0]]
+    family, index = family_for(model), model_index(model)
+    on_disk = [
+        name for name, entry in index.items() if isinstance(entry, list) and entry[0] and (model / name).is_dir()
+    ]
     hashes = FileHashes()
-    fingerprints = {name: component_fingerprint(model, name, hashes) for name in present if (model / name).is_dir()}
+    fingerprints = {name: component_fingerprint(model, name, hashes) for name in on_disk}
     hashes.save()
     scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
-    vae_config = json.loads((model / "vae" / "config.json").read_text())
     return ModelIdentity(
-        pipeline=index["_class_name"],
-        text={n: f for n, f in fingerprints.items() if n.startswith(("text_encoder", "tokenizer"))},
-        denoiser={n: f for n, f in fingerprints.items() if n in DENOISERS},
+        pipeline=family.pipeline_class,
+        text={n: fingerprints[n] for n in family.text_components if n in fingerprints},
+        denoiser={family.denoiser: fingerprints[family.denoiser]},
         scheduler={k: v for k, v in scheduler.items() if k != "_diffusers_version"},
-        vae=fingerprints["vae"],
-        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        decoder={n: fingerprints[n] for n in family.decode_components if n in fingerprints},
+        vae_scale_factor=vae_scale_factor(model),
     )
 
 
@@ -120,40 +122,39 @@ def embeddings_key(
     )
 
 
-def latents_key(
-    embeddings: str, model: ModelIdentity, steps: int, guidance: float, height: int, width: int, seed: int, dtype: str
-) -> str:
+def latents_key(embeddings: str, model: ModelIdentity, settings: DenoiseSettings, seed: int, dtype: str) -> str:
+    """`settings`: steps, guidance, size, true CFG scale, SDXL micro-conditioning (all of DenoiseSettings)."""
     return digest(
         {
             "v": KEY_VERSION,
             "kind": "latents",
             "embeddings": embeddings,
+            "pipeline": model.pipeline,
             "denoiser": model.denoiser,
             "scheduler": model.scheduler,
             "vae_scale_factor": model.vae_scale_factor,
-            "steps": steps,
-            "guidance": guidance,
-            "height": height,
-            "width": width,
+            "settings": asdict(settings),
             "seed": seed,
             "dtype": dtype,
         }
     )
 
 
-def image_key(latents: str, model: ModelIdentity, dtype: str) -> str:
-    return digest({"v": KEY_VERSION, "kind": "image", "latents": latents, "vae": model.vae, "dtype": dtype})
+def image_key(latents: str, model: ModelIdentity, tiled: bool, sliced: bool, dtype: str) -> str:
+    fields = {"latents": latents, "pipeline": model.pipeline, "decoder": model.decoder, "tiled": tiled}
+    return digest({"v": KEY_VERSION, "kind": "image", **fields, "sliced": sliced, "dtype": dtype})
 
 
-def item_keys(request: GenerateRequest, dtype: str) -> list[dict[str, str]]:
+def item_keys(request: GenerateRequest, settings: DenoiseSettings, dtype: str) -> list[dict[str, str]]:
     """Per prompt: its `embeddings`, `latents` and `image` keys (`dtype` resolved, never "auto")."""
     model = model_identity(request.model)
+    negatives = request.negative_prompts or [None] * len(request.prompts)
     keys = []
-    for i, prompt in enumerate(request.prompts):
-        e = embeddings_key(model, prompt, None, request.max_sequence_length, dtype)  # no negative prompts yet
-        s = request.seed_of(i)
-        lat = latents_key(e, model, request.steps, request.guidance, request.height, request.width, s, dtype)
-        keys.append({"embeddings": e, "latents": lat, "image": image_key(lat, model, dtype)})
+    for i, (prompt, negative) in enumerate(zip(request.prompts, negatives, strict=True)):
+        e = embeddings_key(model, prompt, negative, request.max_sequence_length, dtype)
+        lat = latents_key(e, model, settings, request.seed_of(i), dtype)
+        image = image_key(lat, model, request.tiled_decode, request.sliced_decode, dtype)
+        keys.append({"embeddings": e, "latents": lat, "image": image})
     return keys
 
 

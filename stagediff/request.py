@@ -18,13 +18,22 @@ from pydantic import (
     model_validator,
 )
 
+from stagediff.family import FAMILIES, Family
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-SUPPORTED_PIPELINES = ("FluxPipeline",)
+SUPPORTED_PIPELINES = tuple(FAMILIES)
 # Components each supported pipeline needs on disk (model_index.json may list more, e.g. image_encoder=null).
-REQUIRED_COMPONENTS = {
-    "FluxPipeline": ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer"),
-}
-WEIGHTED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "transformer")
+REQUIRED_COMPONENTS = {name: family.required_components() for name, family in FAMILIES.items()}
+# Components with weights: one .safetensors file each, or shards (`*-0000N-of-0000M.safetensors` + index).
+WEIGHTED_COMPONENTS = (
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "transformer",
+    "unet",
+    "safety_checker",
+)
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
@@ -79,7 +88,9 @@ def check_model_dir(model: str) -> dict[str, Any]:
         raise RequestError(
             "model", model, f"pipeline {class_name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}"
         )
-    for component in REQUIRED_COMPONENTS[class_name]:
+    # The required components, and the optional ones `decode` loads when the model has them (a safety checker).
+    optional = [name for name in FAMILIES[class_name].decode_components if (index.get(name) or [None])[0]]
+    for component in dict.fromkeys([*REQUIRED_COMPONENTS[class_name], *optional]):
         entry = index.get(component)
         folder = path / component
         if not entry or entry[0] is None or not folder.is_dir() or not any(folder.iterdir()):
@@ -125,15 +136,30 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[StrictStr] = Field(description="Prompts, one image each.")
+    negative_prompts: list[StrictStr] | None = Field(
+        default=None, description="One negative prompt per prompt; FLUX.1 needs true_cfg_scale > 1 for them."
+    )
     model: str = Field(description="Diffusers pipeline folder or Hub id.")
     steps: int = Field(default=28, description="Denoising steps.")
-    guidance: float = Field(default=3.5, description="Guidance scale (distilled guidance for FLUX.1-dev).")
+    guidance: float = Field(
+        default=3.5, description="Classifier-free guidance scale (FLUX.1-dev: its distilled guidance)."
+    )
+    true_cfg_scale: float = Field(default=1.0, description="FLUX.1 only: > 1 runs true CFG with the negative prompts.")
     height: int = Field(default=1024, description="Image height in pixels, a multiple of 16.")
     width: int = Field(default=1024, description="Image width in pixels, a multiple of 16.")
     seed: int = Field(default=0, description="Prompt i gets its noise from Generator('cpu').manual_seed(seed + i).")
     max_sequence_length: int = Field(default=512, description="T5 tokens per prompt (1..512).")
     batch_size: int = Field(default=1, description="Prompts per forward pass in each stage.")
     dtype: Dtype = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
+    original_size: tuple[int, int] | None = Field(
+        default=None, description="SDXL micro-conditioning (height, width); empty: the image size."
+    )
+    crops_coords_top_left: tuple[int, int] = Field(default=(0, 0), description="SDXL micro-conditioning (top, left).")
+    target_size: tuple[int, int] | None = Field(
+        default=None, description="SDXL micro-conditioning (height, width); empty: the image size."
+    )
+    tiled_decode: bool = Field(default=False, description="Decode in VAE tiles (bounded memory for large images).")
+    sliced_decode: bool = Field(default=False, description="Decode one image of a batch at a time.")
     placement: Placement = Field(default_factory=Placement)
     out: str = Field(default="outputs", description="Output root; the run writes under OUT/RUN_ID/.")
     run_id: str = Field(description="Plain name of the run folder under OUT.")
@@ -148,12 +174,34 @@ class GenerateRequest(BaseModel):
                 raise ValueError(f"prompt {i} must be non-empty text")
         return prompts
 
+    @field_validator("negative_prompts")
+    @classmethod
+    def _negative_prompts(cls, negative_prompts: list[str] | None) -> list[str] | None:
+        for i, prompt in enumerate(negative_prompts or []):
+            if "\x00" in prompt:
+                raise ValueError(f"negative prompt {i} must be text without NUL characters")
+        return negative_prompts
+
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> GenerateRequest:
         if not 1 <= self.steps <= 1000:
             raise RequestError("steps", self.steps, "must be an integer from 1 to 1000")
         if not (self.guidance >= 0 and self.guidance != float("inf")):
             raise RequestError("guidance", self.guidance, "must be a finite number >= 0")
+        if not (self.true_cfg_scale >= 1 and self.true_cfg_scale != float("inf")):
+            raise RequestError("true_cfg_scale", self.true_cfg_scale, "must be a finite number >= 1 (1: off)")
+        if self.negative_prompts is not None and len(self.negative_prompts) != len(self.prompts):
+            allowed = (
+                f"must hold one negative prompt per prompt ({len(self.prompts)}), not {len(self.negative_prompts)}"
+            )
+            raise RequestError("negative_prompts", self.negative_prompts, allowed)
+        for name in ("original_size", "target_size"):
+            size = getattr(self, name)
+            if size is not None and not all(0 < v <= 16384 for v in size):
+                raise RequestError(name, size, "must be (height, width) in pixels, each from 1 to 16384")
+        if not all(0 <= v <= 16384 for v in self.crops_coords_top_left):
+            allowed = "must be (top, left) in pixels, each from 0 to 16384"
+            raise RequestError("crops_coords_top_left", self.crops_coords_top_left, allowed)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value <= 0 or value % 16 or value > 16384:
@@ -167,8 +215,25 @@ class GenerateRequest(BaseModel):
         if not _RUN_ID.match(self.run_id) or self.run_id in {".", ".."}:
             raise RequestError("run_id", self.run_id, "must be a plain name: letters, digits, '.', '_' or '-', no '/'")
         if (info.context or {}).get("check_model", True):
-            check_model_dir(self.model)
+            self._check_family(FAMILIES[check_model_dir(self.model)["_class_name"]])
         return self
+
+    def _check_family(self, family: type[Family]) -> None:
+        """Options that only some families take; another family would ignore them, so refuse them."""
+        name = family.pipeline_class
+        if family.true_cfg:
+            if self.true_cfg_scale > 1 and self.negative_prompts is None:
+                raise RequestError("true_cfg_scale", self.true_cfg_scale, "> 1 needs negative_prompts")
+            if self.negative_prompts is not None and self.true_cfg_scale <= 1:
+                allowed = f"{name} uses negative prompts only with true_cfg_scale > 1 (its guidance is distilled)"
+                raise RequestError("negative_prompts", self.negative_prompts, allowed)
+        elif self.true_cfg_scale != 1:
+            allowed = f"only FLUX.1 takes it; {name} guides with guidance and negative_prompts"
+            raise RequestError("true_cfg_scale", self.true_cfg_scale, allowed)
+        if not family.micro_conditioning:
+            for field in ("original_size", "crops_coords_top_left", "target_size"):
+                if getattr(self, field) != GenerateRequest.model_fields[field].default:
+                    raise RequestError(field, getattr(self, field), f"is SDXL micro-conditioning; {name} takes none")
 
     @property
     def run_dir(self) -> Path:

@@ -11,7 +11,7 @@ import stagediff
 from artifacts import ArtifactError, Store, read_manifest, write_manifest
 from artifacts.store import is_url
 from stagediff.request import GenerateRequest, RequestError
-from stagediff.spec import ItemRef
+from stagediff.spec import DenoiseSettings, ItemRef
 
 STAGES = ("encode", "denoise", "decode")
 ARTIFACT_OF_STAGE = {"encode": "embeddings", "denoise": "latents", "decode": "image"}  # manifest item fields
@@ -40,6 +40,7 @@ def new_manifest(request: GenerateRequest) -> dict[str, Any]:
             {
                 "index": i,
                 "prompt": prompt,
+                "negative_prompt": request.negative_prompts[i] if request.negative_prompts is not None else None,
                 "seed": request.seed_of(i),
                 "embeddings": f"embeddings/{i:05d}.safetensors",
                 "latents": f"latents/{i:05d}.safetensors",
@@ -79,6 +80,21 @@ def check_store(store: str | None, out: str) -> str:
         allowed = f"must be a folder or a URL of an installed fsspec filesystem ({type(exc).__name__}: {exc})"
         raise RequestError("store", store, allowed.splitlines()[0]) from None
     return store
+
+
+def denoise_settings(request: GenerateRequest) -> DenoiseSettings:
+    """What `denoise` passes to the pipeline besides embeddings and noise (and what the latents key covers)."""
+    return DenoiseSettings(
+        steps=request.steps,
+        guidance=request.guidance,
+        height=request.height,
+        width=request.width,
+        max_sequence_length=request.max_sequence_length,
+        true_cfg_scale=request.true_cfg_scale,
+        original_size=request.original_size,
+        crops_coords_top_left=request.crops_coords_top_left,
+        target_size=request.target_size,
+    )
 
 
 def plan(manifest: dict[str, Any], keys: list[dict[str, str]], store: Store) -> None:
@@ -136,6 +152,7 @@ def record(
     manifest["stages"][stage] = {
         **process,
         "device_map": result["device_map"] if result else None,
+        "warnings": result.get("warnings", []) if result else [],  # e.g. a text encoder that fell back to the CPU
         "skipped": result is None,
         "computed": computed,
         "reused": [item["index"] for item in manifest["items"] if item["index"] not in computed],

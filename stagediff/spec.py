@@ -33,3 +33,18 @@ class ItemRef:
     kind: str  # "embeddings" | "latents" | "images"
     key: str
     sha256: str
+
+
+@dataclass(frozen=True)
+class DenoiseSettings:
+    """What `denoise` passes to the pipeline besides the embeddings and the noise (see `Family.denoise_kwargs`)."""
+
+    steps: int
+    guidance: float  # classifier-free guidance scale; FLUX.1-dev: the distilled guidance
+    height: int
+    width: int
+    max_sequence_length: int  # T5 tokens (Flux, SD3)
+    true_cfg_scale: float = 1.0  # Flux: > 1 runs a negative pass (true classifier-free guidance)
+    original_size: tuple[int, int] | None = None  # SDXL micro-conditioning, (height, width); None: the image size
+    crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL micro-conditioning, (top, left)
+    target_size: tuple[int, int] | None = None  # SDXL micro-conditioning, (height, width); None: the image size

@@ -7,20 +7,13 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from stagediff.spec import ItemRef, StageContext
+from stagediff.spec import DenoiseSettings, ItemRef, StageContext
 from tasks._isolated import run_stage
 
 
 @task(name="denoise", cache_policy=NONE)
 def denoise_task(
-    ctx: StageContext,
-    items: list[tuple[ItemRef, int]],
-    steps: int,
-    guidance: float,
-    height: int,
-    width: int,
-    max_sequence_length: int,
-    keys: dict[int, str],
+    ctx: StageContext, items: list[tuple[ItemRef, int]], settings: DenoiseSettings, keys: dict[int, str]
 ) -> dict[str, Any]:
     """Denoise embeddings to the latents the store lacks, sharded, in a fresh process; store them."""
-    return run_stage("denoise", ctx, items, steps, guidance, height, width, max_sequence_length, keys)
+    return run_stage("denoise", ctx, items, settings, keys)

@@ -13,7 +13,11 @@ from tasks._isolated import run_stage
 
 @task(name="encode", cache_policy=NONE)
 def encode_task(
-    ctx: StageContext, prompts: list[tuple[int, str]], max_sequence_length: int, keys: dict[int, str]
+    ctx: StageContext,
+    prompts: list[tuple[int, str]],
+    max_sequence_length: int,
+    keys: dict[int, str],
+    negative_prompts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Encode prompts the store lacks with the text encoders in a fresh process; store the embeddings."""
-    return run_stage("encode", ctx, prompts, max_sequence_length, keys)
+    """Encode the prompts (and negatives) the store lacks with the text encoders in a fresh process; store them."""
+    return run_stage("encode", ctx, prompts, max_sequence_length, keys, negative_prompts)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from stagediff.cli import main
 from stagediff.gc import collect_garbage, parse_age
 from stagediff.request import RequestError
 from stagediff.runs import check_store
+from stagediff.spec import DenoiseSettings
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
 
@@ -158,22 +160,26 @@ def test_keys_change_exactly_when_their_inputs_do(tiny_model: Path, tmp_path: Pa
     import shutil
 
     model = keys.model_identity(tiny_model)
+    s = DenoiseSettings(steps=2, guidance=3.5, height=64, width=64, max_sequence_length=16)
     e = keys.embeddings_key(model, "a dog", None, 16, "float32")
-    lat = keys.latents_key(e, model, 2, 3.5, 64, 64, 7, "float32")
-    img = keys.image_key(lat, model, "float32")
+    lat = keys.latents_key(e, model, s, 7, "float32")
+    img = keys.image_key(lat, model, False, False, "float32")
     assert keys.embeddings_key(model, "a cat", None, 16, "float32") != e
     assert keys.embeddings_key(model, "a dog", "blurry", 16, "float32") != e
     assert keys.embeddings_key(model, "a dog", None, 16, "bfloat16") != e
-    assert keys.latents_key(e, model, 3, 3.5, 64, 64, 7, "float32") != lat  # steps: new latents, same embeddings
-    assert keys.latents_key(e, model, 2, 3.5, 64, 64, 8, "float32") != lat
+    assert keys.latents_key(e, model, replace(s, steps=3), 7, "float32") != lat  # steps: new latents only
+    assert keys.latents_key(e, model, replace(s, true_cfg_scale=4.0), 7, "float32") != lat
+    assert keys.latents_key(e, model, replace(s, original_size=(32, 32)), 7, "float32") != lat
+    assert keys.latents_key(e, model, s, 8, "float32") != lat
+    assert keys.image_key(lat, model, True, False, "float32") != img  # tiled decoding
     # Another VAE: only the image key changes
     other = tmp_path / "other-vae"
     shutil.copytree(tiny_model, other)
     weights = next((other / "vae").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     changed = keys.model_identity(other)
-    assert (changed.text, changed.denoiser) == (model.text, model.denoiser) and changed.vae != model.vae
-    assert keys.image_key(lat, changed, "float32") != img
+    assert (changed.text, changed.denoiser) == (model.text, model.denoiser) and changed.decoder != model.decoder
+    assert keys.image_key(lat, changed, False, False, "float32") != img
 
 
 def test_file_hashes_are_cached_by_size_and_mtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
