@@ -16,6 +16,8 @@ class StageContext:
     batch_size: int
     max_memory: dict[str, str] | None = None
     offload_dir: str | None = None
+    # File stems of items by index (e.g. a batch item's id); an item not listed is named f"{index:05d}".
+    item_names: dict[int, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,12 @@ def run_path(ctx: StageContext, relative: str) -> Path:
     return Path(ctx.run_dir) / relative
 
 
+def item_path(ctx: StageContext, folder: str, index: int, suffix: str) -> str:
+    """Run-relative path of one item's artifact: `folder/{index:05d}suffix`, or `folder/{name}suffix` if named."""
+    stem = (ctx.item_names or {}).get(index, f"{index:05d}")
+    return f"{folder}/{stem}{suffix}"
+
+
 def load_item(ctx: StageContext, ref: ItemRef) -> dict[str, torch.Tensor]:
     """An earlier stage's tensors for one item, verified against its sha256 and provenance."""
     return load_tensors(run_path(ctx, ref.path), ref.sha256, {"model": ctx.model, "index": ref.index})[0]

@@ -11,6 +11,7 @@ from stagediff.stages.common import (
     StageContext,
     accelerator_count,
     batches,
+    item_path,
     load_item,
     log,
     run_path,
@@ -41,7 +42,7 @@ def decode(ctx: StageContext, items: list[ItemRef], height: int, width: int) -> 
         latents = family.latents_for_vae(latents, vae.config, height, width).to(vae.device, vae.dtype)
         images = processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
         for ref, image in zip(chunk, images, strict=True):
-            relative = f"images/{ref.index:05d}.png"
+            relative = item_path(ctx, "images", ref.index, ".png")
             refs.append(ItemRef(ref.index, relative, save_png(run_path(ctx, relative), image, {"model": ctx.model})))
             log.info("wrote %s", relative)
     return {"items": refs, "device_map": {"": str(vae.device)}}

@@ -15,6 +15,7 @@ from stagediff.stages.common import (
     accelerator_count,
     batches,
     device_map_of,
+    item_path,
     load_item,
     log,
     metadata,
@@ -91,7 +92,7 @@ def denoise(
             callback_on_step_end=on_step,
         ).images
         for row, (ref, seed) in enumerate(chunk):
-            relative = f"latents/{ref.index:05d}.safetensors"
+            relative = item_path(ctx, "latents", ref.index, ".safetensors")
             meta = metadata(
                 ctx, "denoise", index=ref.index, seed=seed, steps=steps, guidance=guidance, height=height, width=width
             )

@@ -13,6 +13,7 @@ from stagediff.stages.common import (
     accelerator_count,
     batches,
     device_map_of,
+    item_path,
     log,
     metadata,
     run_path,
@@ -45,7 +46,7 @@ def encode(ctx: StageContext, prompts: list[tuple[int, str]], max_sequence_lengt
     for n, chunk in enumerate(chunks, 1):
         embeddings = family.encode(pipe, [prompt for _, prompt in chunk], max_sequence_length)
         for row, (index, prompt) in enumerate(chunk):
-            relative = f"embeddings/{index:05d}.safetensors"
+            relative = item_path(ctx, "embeddings", index, ".safetensors")
             tensors = {name: tensor[row] for name, tensor in embeddings.items()}
             meta = metadata(ctx, "encode", index=index, prompt=prompt, max_sequence_length=max_sequence_length)
             refs.append(ItemRef(index, relative, save_tensors(run_path(ctx, relative), tensors, meta)))
