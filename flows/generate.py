@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from artifacts import write_manifest
+from flows.ui import model_tag, stage_tags, tag_flow_run
 from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.request import Dtype, validate_request
 from stagediff.runs import new_run_id, open_manifest, record, reuse
@@ -67,6 +68,8 @@ def generate(
     manifest.update(status="running", flow_pid=os.getpid())
     write_manifest(run_dir, manifest)
     logger.info("run %s: %d prompts -> %s", request.run_id, len(request.prompts), request.run_dir)
+    tag_flow_run(model_tag(model))
+    tags = stage_tags(model)  # a concurrency limit on the device tag keeps runs from sharing a device
 
     ctx = StageContext(
         model=request.model,
@@ -82,20 +85,20 @@ def generate(
         ran = embeddings is None
         if ran:
             prompts_ = list(enumerate(request.prompts))
-            result = encode_task.with_options(retries=retries)(ctx, prompts_, request.max_sequence_length)
+            result = encode_task.with_options(retries=retries, tags=tags)(ctx, prompts_, request.max_sequence_length)
             embeddings = record(manifest, run_dir, "encode", result)
         # 3. Denoise embeddings + seeded noise -> latents
         latents = reuse(manifest, run_dir, "denoise", upstream_ran=ran)
         ran = ran or latents is None
         if latents is None:
             items = [(ref, request.seed_of(ref.index)) for ref in embeddings]
-            result = denoise_task.with_options(retries=retries)(
+            result = denoise_task.with_options(retries=retries, tags=tags)(
                 ctx, items, request.steps, request.guidance, request.height, request.width, request.max_sequence_length
             )
             latents = record(manifest, run_dir, "denoise", result)
         # 4. Decode latents -> PNG images
         if reuse(manifest, run_dir, "decode", upstream_ran=ran) is None:
-            result = decode_task.with_options(retries=retries)(ctx, latents, request.height, request.width)
+            result = decode_task.with_options(retries=retries, tags=tags)(ctx, latents, request.height, request.width)
             record(manifest, run_dir, "decode", result)
     except BaseException as exc:
         manifest["status"] = "failed"

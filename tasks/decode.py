@@ -11,7 +11,7 @@ from stagediff.spec import ItemRef, StageContext
 from tasks._isolated import run_stage
 
 
-@task(name="decode", cache_policy=NONE)
+@task(name="decode", task_run_name="decode", cache_policy=NONE)  # the batch flow adds "[chunk n/N]"
 def decode_task(ctx: StageContext, items: list[ItemRef], height: int, width: int) -> dict[str, Any]:
     """Decode latents with the VAE in a fresh process; persist PNG images."""
     return run_stage("decode", ctx, items, height, width)
