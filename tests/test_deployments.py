@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -92,6 +93,24 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return process.returncode, output
 
 
+def scheduled_runs(client: Any, deployment_id: UUID, timeout: float) -> list[Any]:
+    """The deployment's Scheduled flow runs, once the server's scheduler has made some."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    state = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+    runs_filter = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]), state=state)
+    deadline = time.monotonic() + timeout
+    while not (runs := client.read_flow_runs(flow_run_filter=runs_filter)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return runs
+
+
 def succeeded(process: subprocess.Popen) -> None:
     code, output = finish(process)
     assert code == 0, f"{' '.join(process.args)} failed:\n{output}"
@@ -123,7 +142,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, stagediff_cache: Path) -> It
         PREFECT_API_URL=api_url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_WORKER_QUERY_SECONDS="1",
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         STAGEDIFF_CACHE=str(stagediff_cache),
         PWD=str(REPO),  # `prefect deploy` runs "from a shell in the repository root"
     )
@@ -224,10 +243,16 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
 ) -> None:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    # 1. The nightly deployment carries its cron schedule
+    # 1. The nightly deployment carries its cron schedule, and the server's scheduler makes its runs
     with stack.client() as client:
         deployment = client.read_deployment_by_name("batch/nightly")
+        scheduled = scheduled_runs(client, deployment.id, timeout=90)
+        # Pause it (which also drops those runs) so that no nightly run starts during the tests.
+        client.update_deployment_schedule(deployment.id, deployment.schedules[0].id, active=False)
     assert [(s.schedule.cron, s.active) for s in deployment.schedules] == [("0 2 * * *", True)]
+    starts = {run.expected_start_time.astimezone(UTC) for run in scheduled}
+    assert starts and {(t.hour, t.minute) for t in starts} == {(2, 0)}, starts
+    assert all(run.parameters == deployment.parameters for run in scheduled)
 
     # 2. A file of 6 prompts -> 6 images; items 0 and 1 are the direct call's prompts and seeds
     prompts_file, store = tmp_path / "prompts.txt", tmp_path / "store"
