@@ -28,6 +28,7 @@ from stagediff.batch import (
     read_batch_manifest,
     record_chunk,
     start_run,
+    store_lock,
     write_batch_manifest,
 )
 from stagediff.default_model import default_model_dir, ensure_default_model
@@ -84,7 +85,7 @@ def batch(
         batch_size=batch_size, dtype=dtype, placement={"max_memory": max_memory, "offload_dir": offload_dir},
         prompts=["-"], run_id="batch",
     )  # fmt: skip
-    validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)
+    validate_request(**fields, model=model or str(default_model_dir()), check_model=False)
     if chunk_size < 1:
         raise RequestError("chunk_size", chunk_size, "must be an integer >= 1")
     store_dir = Path(store)
@@ -93,71 +94,73 @@ def batch(
     items = read_batch_file(prompts_file, seed, {name: fields[name] for name in SETTINGS})
     request = validate_request(**fields, model=model or str(ensure_default_model()))
 
-    # 2. Plan: skip the items already in the store; group the others by settings, in chunks
-    run_fields = {"model": request.model, "max_sequence_length": max_sequence_length, "dtype": dtype}
-    manifest = read_batch_manifest(store_dir) or new_manifest(str(Path(prompts_file).resolve()))
-    todo = plan(manifest, items, store_dir, run_fields)
-    chunks = make_chunks(todo, chunk_size)
-    run = start_run(manifest, str(flow_run.id) if flow_run.id else None, todo)
-    write_batch_manifest(store_dir, manifest)
-    if any(item.negative_prompt for item in todo):
-        logger.warning("negative_prompt is kept in batch.json but not used: the Flux stages do not take one")
-    logger.info("%d items: %d done already, %d to compute in %d chunks", len(items), run["skipped"], len(todo),
-                len(chunks))  # fmt: skip
-    tag_flow_run(model_tag(model))
-    progress = create_progress_artifact(
-        0.0 if todo else 100.0, key="batch-progress", description=f"{len(todo)} items to compute in {store_dir}"
-    )
-
-    # 3. Each chunk: encode -> denoise -> decode, each stage in a fresh process that loads its model once
-    tags = stage_tags(model)
-    finished = 0
-    for n, chunk in enumerate(chunks, 1):
-        label = f"[chunk {n}/{len(chunks)}]"
-        ctx = StageContext(
-            model=request.model,
-            run_dir=str(store_dir),
-            dtype=request.dtype,
-            batch_size=request.batch_size,
-            max_memory=request.placement.max_memory,
-            offload_dir=request.placement.offload_dir,
-            item_names={item.position: item.id for item in chunk},
-        )
-        steps_, guidance_, height_, width_ = chunk[0].settings
-        seeds = {item.position: item.seed for item in chunk}
-        try:
-            encoded = encode_task.with_options(task_run_name=f"encode {label}", tags=tags, retries=retries)(
-                ctx, [(item.position, item.prompt) for item in chunk], max_sequence_length
-            )
-            denoised = denoise_task.with_options(task_run_name=f"denoise {label}", tags=tags, retries=retries)(
-                ctx, [(ref, seeds[ref.index]) for ref in encoded["items"]], steps_, guidance_, height_, width_,
-                max_sequence_length,
-            )  # fmt: skip
-            decoded = decode_task.with_options(task_run_name=f"decode {label}", tags=tags, retries=retries)(
-                ctx, denoised["items"], height_, width_
-            )
-        except BaseException as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            fail_chunk(manifest, chunk, error)
-            finish_run(manifest, run, error)
-            write_batch_manifest(store_dir, manifest)
-            raise
-        stats = {stage: result["process"] for stage, result in
-                 (("encode", encoded), ("denoise", denoised), ("decode", decoded))}  # fmt: skip
-        record_chunk(manifest, run, chunk, decoded["items"], stats)
+    # 2. Plan: skip the items already in the store; group the others by settings, in chunks. A second run on
+    #    the same store waits for the first, then does what is left.
+    with store_lock(store_dir, logger):
+        run_fields = {"model": request.model, "max_sequence_length": max_sequence_length, "dtype": dtype}
+        manifest = read_batch_manifest(store_dir) or new_manifest()
+        todo = plan(manifest, items, store_dir, run_fields)
+        chunks = make_chunks(todo, chunk_size)
+        run = start_run(manifest, str(Path(prompts_file).resolve()), str(flow_run.id) if flow_run.id else None, todo)
         write_batch_manifest(store_dir, manifest)
-        if not keep_intermediates:
-            for path in intermediates(store_dir, chunk):
-                path.unlink(missing_ok=True)
-        finished += len(chunk)
-        update_progress_artifact(progress, 100.0 * finished / len(todo))
-        logger.info("%s done: %d/%d items", label, finished, len(todo))
+        if any(item.negative_prompt for item in todo):
+            logger.warning("negative_prompt is kept in batch.json but not used: the Flux stages do not take one")
+        logger.info("%d items: %d done already, %d to compute in %d chunks", len(items), run["skipped"], len(todo),
+                    len(chunks))  # fmt: skip
+        tag_flow_run(model_tag(model))
+        progress = create_progress_artifact(
+            0.0 if todo else 100.0, key="batch-progress", description=f"{len(todo)} items to compute in {store_dir}"
+        )
 
-    # 4. Finish: the manifest, the item table and the gallery of the first images
-    finish_run(manifest, run)
-    write_batch_manifest(store_dir, manifest)
-    entries = [entry for entry in manifest["items"] if entry["status"] != "removed"]
-    items_table(entries, store_dir.resolve())
-    gallery(entries, store_dir.resolve())
-    logger.info("batch completed: %d items in %s", len(entries), store_dir / "images")
+        # 3. Each chunk: encode -> denoise -> decode, each stage in a fresh process that loads its model once
+        tags = stage_tags(model)
+        finished = 0
+        for n, chunk in enumerate(chunks, 1):
+            label = f"[chunk {n}/{len(chunks)}]"
+            ctx = StageContext(
+                model=request.model,
+                run_dir=str(store_dir),
+                dtype=request.dtype,
+                batch_size=request.batch_size,
+                max_memory=request.placement.max_memory,
+                offload_dir=request.placement.offload_dir,
+                item_names={item.position: item.id for item in chunk},
+            )
+            steps_, guidance_, height_, width_ = chunk[0].settings
+            seeds = {item.position: item.seed for item in chunk}
+            try:
+                encoded = encode_task.with_options(task_run_name=f"encode {label}", tags=tags, retries=retries)(
+                    ctx, [(item.position, item.prompt) for item in chunk], max_sequence_length
+                )
+                denoised = denoise_task.with_options(task_run_name=f"denoise {label}", tags=tags, retries=retries)(
+                    ctx, [(ref, seeds[ref.index]) for ref in encoded["items"]], steps_, guidance_, height_, width_,
+                    max_sequence_length,
+                )  # fmt: skip
+                decoded = decode_task.with_options(task_run_name=f"decode {label}", tags=tags, retries=retries)(
+                    ctx, denoised["items"], height_, width_
+                )
+            except BaseException as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                fail_chunk(manifest, chunk, error)
+                finish_run(manifest, run, error)
+                write_batch_manifest(store_dir, manifest)
+                raise
+            stats = {stage: result["process"] for stage, result in
+                     (("encode", encoded), ("denoise", denoised), ("decode", decoded))}  # fmt: skip
+            record_chunk(manifest, run, chunk, decoded["items"], stats)
+            write_batch_manifest(store_dir, manifest)
+            if not keep_intermediates:
+                for path in intermediates(store_dir, chunk):
+                    path.unlink(missing_ok=True)
+            finished += len(chunk)
+            update_progress_artifact(progress, 100.0 * finished / len(todo))
+            logger.info("%s done: %d/%d items", label, finished, len(todo))
+
+        # 4. Finish: the manifest, the item table and the gallery of the first images
+        finish_run(manifest, run)
+        write_batch_manifest(store_dir, manifest)
+        entries = [entry for entry in manifest["items"] if entry["status"] != "removed"]
+        items_table(entries, store_dir.resolve())
+        gallery(entries, store_dir.resolve())
+        logger.info("batch completed: %d items in %s", len(entries), store_dir / "images")
     return manifest

@@ -12,10 +12,14 @@ or recomputes the items above them.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +71,11 @@ class LineProblem:
     allowed: str
 
     def __str__(self) -> str:
-        shown = repr(self.value) if not isinstance(self.value, str) or len(self.value) < 60 else repr(self.value[:57])
+        shown = (
+            repr(self.value)
+            if not isinstance(self.value, str) or len(self.value) < 60
+            else repr(self.value[:57] + "...")
+        )
         return f"line {self.line}, column {self.column}: invalid value {shown}: {self.allowed}"
 
 
@@ -218,8 +226,8 @@ def read_batch_file(path: str | Path, seed: int, defaults: dict[str, Any]) -> li
 # 3. The store: which items are done, what to compute in which chunk, and the manifest
 
 
-def new_manifest(prompts_file: str) -> dict[str, Any]:
-    return {"kind": "stagediff-batch", "stagediff_version": stagediff.__version__, "prompts_file": prompts_file,
+def new_manifest() -> dict[str, Any]:
+    return {"kind": "stagediff-batch", "stagediff_version": stagediff.__version__, "prompts_file": None,
             "status": "new", "runs": [], "items": []}  # fmt: skip
 
 
@@ -234,6 +242,19 @@ def write_batch_manifest(store: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+@contextmanager
+def store_lock(store: Path, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+    """Hold `STORE/.lock` for a run: two runs writing one store would compute items twice and lose updates."""
+    store.mkdir(parents=True, exist_ok=True)
+    with open(store / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another run is writing %s: waiting for it to finish", store)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # the lock goes with the file when it is closed
+
+
 def item_entry(item: BatchItem, run_fields: dict[str, Any]) -> dict[str, Any]:
     """An item as the manifest lists it; `status` is pending until its image is recorded."""
     return {**asdict(item), **run_fields, "image": item.image, "sha256": None, "status": "pending", "run": None}
@@ -241,7 +262,11 @@ def item_entry(item: BatchItem, run_fields: dict[str, Any]) -> dict[str, Any]:
 
 def is_done(entry: dict[str, Any] | None, wanted: dict[str, Any], store: Path) -> bool:
     """Whether an item's image is in the store, made from the same fields, with its recorded sha256."""
-    if entry is None or entry.get("status") != "done" or any(entry.get(k) != wanted[k] for k in IMAGE_FIELDS):
+    if (
+        entry is None
+        or entry["status"] not in ("done", "removed")
+        or any(entry.get(k) != wanted[k] for k in IMAGE_FIELDS)
+    ):
         return False
     try:
         verify_file(store / entry["image"], entry["sha256"])
@@ -253,7 +278,8 @@ def is_done(entry: dict[str, Any] | None, wanted: dict[str, Any], store: Path) -
 def plan(manifest: dict[str, Any], items: list[BatchItem], store: Path, run_fields: dict[str, Any]) -> list[BatchItem]:
     """Rewrite the manifest's items for this file; return the items to compute (those not already done).
 
-    Items no longer in the file stay listed with status "removed" (their images are kept).
+    Items no longer in the file stay listed with status "removed" (their images are kept, and used
+    again if the line comes back).
     """
     previous = {entry["id"]: entry for entry in manifest["items"]}
     entries, todo = [], []
@@ -278,11 +304,12 @@ def make_chunks(items: list[BatchItem], chunk_size: int) -> list[list[BatchItem]
     return [group[i : i + chunk_size] for group in groups.values() for i in range(0, len(group), chunk_size)]
 
 
-def start_run(manifest: dict[str, Any], flow_run_id: str | None, todo: list[BatchItem]) -> dict:
+def start_run(manifest: dict[str, Any], prompts_file: str, flow_run_id: str | None, todo: list[BatchItem]) -> dict:
     """Append this run to the manifest's `runs` and return it."""
     run = {
         "run": len(manifest["runs"]) + 1,
         "flow_run_id": flow_run_id,
+        "prompts_file": prompts_file,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "status": "running",
         "computed": len(todo),
@@ -290,7 +317,7 @@ def start_run(manifest: dict[str, Any], flow_run_id: str | None, todo: list[Batc
         "chunks": [],
     }
     manifest["runs"].append(run)
-    manifest["status"] = "running"
+    manifest.update(prompts_file=prompts_file, status="running")
     return run
 
 

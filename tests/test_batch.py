@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from stagediff.batch import (
     read_batch_file,
     record_chunk,
     start_run,
+    store_lock,
 )
 from stagediff.request import MAX_SEED, RequestError
 from stagediff.spec import ItemRef
@@ -160,7 +163,7 @@ def test_chunks_group_items_by_settings_first(tmp_path: Path) -> None:
 
 def finish(manifest: dict, store: Path, todo: list) -> None:
     """What the flow does for a chunk, with fake images instead of the stages."""
-    run = start_run(manifest, None, todo)
+    run = start_run(manifest, "p.jsonl", None, todo)
     refs = [ItemRef(i.position, i.image, atomic_write_bytes(store / i.image, i.prompt.encode())) for i in todo]
     record_chunk(manifest, run, todo, refs, {})
 
@@ -168,7 +171,7 @@ def finish(manifest: dict, store: Path, todo: list) -> None:
 def test_plan_skips_done_items_and_redoes_changed_corrupted_or_failed_ones(tmp_path: Path) -> None:
     store = tmp_path / "store"
     path = write(tmp_path, "p.jsonl", '{"prompt": "a", "id": "a"}\n{"prompt": "b", "id": "b"}\n{"prompt": "c"}\n')
-    manifest = new_manifest(str(path))
+    manifest = new_manifest()
     todo = plan(manifest, read_batch_file(path, 0, DEFAULTS), store, RUN_FIELDS)
     assert len(todo) == 3 and {e["status"] for e in manifest["items"]} == {"pending"}
     finish(manifest, store, todo)
@@ -182,5 +185,25 @@ def test_plan_skips_done_items_and_redoes_changed_corrupted_or_failed_ones(tmp_p
     assert [i.prompt for i in todo] == ["a", "b", "d"]
     assert [e["status"] for e in manifest["items"]] == ["pending", "pending", "pending", "removed"]
     finish(manifest, store, todo)
+
+    # "c" comes back at its old place: its image is still there. Another model redoes everything.
+    path.write_text('{"prompt": "a", "id": "a", "seed": 9}\n{"prompt": "b", "id": "b"}\n{"prompt": "c"}\n')
+    assert plan(manifest, read_batch_file(path, 0, DEFAULTS), store, RUN_FIELDS) == []
+    assert [e["status"] for e in manifest["items"]] == ["done", "done", "done", "removed"]
     other_model = {**RUN_FIELDS, "model": "/models/other"}
     assert len(plan(manifest, read_batch_file(path, 0, DEFAULTS), store, other_model)) == 3
+
+
+def test_a_second_run_on_a_store_waits_for_the_first(tmp_path: Path) -> None:
+    entered = threading.Event()
+
+    def second() -> None:
+        with store_lock(tmp_path / "store", logging.getLogger("test")):
+            entered.set()
+
+    with store_lock(tmp_path / "store", logging.getLogger("test")):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not entered.wait(0.5)
+    thread.join(5)
+    assert entered.is_set()
