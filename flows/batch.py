@@ -161,6 +161,6 @@ def batch(
         write_batch_manifest(store_dir, manifest)
         entries = [entry for entry in manifest["items"] if entry["status"] != "removed"]
         items_table(entries, store_dir.resolve())
-        gallery(entries, store_dir.resolve())
+        gallery(entries, store_dir.resolve(), run["run"])
         logger.info("batch completed: %d items in %s", len(entries), store_dir / "images")
     return manifest

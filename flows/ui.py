@@ -69,11 +69,15 @@ def _thumbnail(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def gallery(entries: list[dict[str, Any]], store: Path) -> str:
-    """Markdown artifact `batch-gallery`: thumbnails (inline, so the UI needs no file access) of the first images."""
-    done = [e for e in entries if e["status"] == "done"][:GALLERY_IMAGES]
-    cells = [f"![{e['id']}]({_thumbnail(store / e['image'])})<br>`{e['id']}` seed {e['seed']}" for e in done]
-    lines = [f"# Batch gallery: first {len(done)} images", "", f"Store: `{store}`", ""]
+def gallery(entries: list[dict[str, Any]], store: Path, run: int) -> str:
+    """Markdown artifact `batch-gallery`: thumbnails (inline, so the UI needs no file access) of the first
+    images made by run `run`, or of the store's first images if it made none."""
+    done = [e for e in entries if e["status"] == "done"]
+    new = [e for e in done if e["run"] == run]
+    shown = (new or done)[:GALLERY_IMAGES]
+    cells = [f"![{e['id']}]({_thumbnail(store / e['image'])})<br>`{e['id']}` seed {e['seed']}" for e in shown]
+    title = f"first {len(shown)} of the {len(new)} new images" if new else f"first {len(shown)} images"
+    lines = [f"# Batch gallery: {title}", "", f"Store: `{store}`", ""]
     if cells:
         columns = min(4, len(cells))
         rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]

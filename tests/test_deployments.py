@@ -306,6 +306,9 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
     assert [e["run"] for e in manifest["items"]] == [1] * 6 + [2] * 2
     assert {e["id"]: e["sha256"] for e in manifest["items"][:6]} == before
     assert len(list(store.glob("images/*.png"))) == 8
+    with stack.client() as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert [a.data.count("data:image/png;base64,") for a in artifacts if a.type == "markdown"] == [2]  # the new ones
 
     # 5. Bad lines: the run failed, naming every one of them, and computed nothing
     code, flow_run_id, output = stack.deployment_result(bad_run)
