@@ -39,3 +39,20 @@ format:
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# Deployments (docs/deployments.md): `make server` in one terminal; `make deploy` and `make worker` in
+# others, with PREFECT_API_URL=http://127.0.0.1:4200/api exported.
+.PHONY: server deploy worker
+POOL ?= stagediff-process
+DEVICE ?= local
+
+server: install  ## a local Prefect server (API and UI) on http://127.0.0.1:4200
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: install  ## the process work pool, the device concurrency limit and every deployment in prefect.yaml
+	$(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(VENV)/bin/prefect work-pool create $(POOL) --type process
+	$(VENV)/bin/prefect concurrency-limit create device:$(DEVICE) 1
+	PWD=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
+
+worker: install  ## a process worker that runs the deployments' flow runs
+	STAGEDIFF_DEVICE=$(DEVICE) $(VENV)/bin/prefect worker start --pool $(POOL) --type process

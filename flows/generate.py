@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from artifacts import Store, write_manifest
+from flows.ui import model_tag, stage_tags, tag_flow_run
 from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.keys import item_keys, resolve_dtype
 from stagediff.request import Dtype, validate_request
@@ -121,6 +122,8 @@ def generate(
     write_manifest(run_dir, manifest)
     artifact_store.register_run(run_dir / "manifest.json")
     logger.info("run %s: %d prompts -> %s (store %s)", request.run_id, len(request.prompts), run_dir, store_location)
+    tag_flow_run(model_tag(model))
+    options = {"retries": retries, "tags": stage_tags(model)}  # a concurrency limit on the device tag
 
     ctx = StageContext(
         model=request.model,
@@ -139,7 +142,7 @@ def generate(
         if todo:
             prompts_ = [(i, request.prompts[i]) for i in todo]
             negatives = [request.negative_prompts[i] for i in todo] if request.negative_prompts is not None else None
-            result = encode_task.with_options(retries=retries)(
+            result = encode_task.with_options(**options)(
                 ctx, prompts_, request.max_sequence_length, keys_of(manifest, "encode", todo), negatives
             )
         embeddings = record(manifest, run_dir, artifact_store, "encode", damaged, result)
@@ -148,16 +151,14 @@ def generate(
         result = None
         if todo:
             items = [(embeddings[i], request.seed_of(i)) for i in todo]
-            result = denoise_task.with_options(retries=retries)(
-                ctx, items, settings, keys_of(manifest, "denoise", todo)
-            )
+            result = denoise_task.with_options(**options)(ctx, items, settings, keys_of(manifest, "denoise", todo))
         latents = record(manifest, run_dir, artifact_store, "denoise", damaged, result)
         # 5. Decode latents -> PNG images
         todo, damaged = stage_todo(manifest, artifact_store, "decode", strict)
         result = None
         if todo:
             items = [latents[i] for i in todo]
-            result = decode_task.with_options(retries=retries)(
+            result = decode_task.with_options(**options)(
                 ctx, items, request.height, request.width, keys_of(manifest, "decode", todo),
                 request.tiled_decode, request.sliced_decode,
             )  # fmt: skip

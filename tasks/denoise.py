@@ -11,7 +11,7 @@ from stagediff.spec import DenoiseSettings, ItemRef, StageContext
 from tasks._isolated import run_stage
 
 
-@task(name="denoise", cache_policy=NONE)
+@task(name="denoise", task_run_name="denoise", cache_policy=NONE)  # the batch flow adds "[chunk n/N]"
 def denoise_task(
     ctx: StageContext, items: list[tuple[ItemRef, int]], settings: DenoiseSettings, keys: dict[int, str]
 ) -> dict[str, Any]:

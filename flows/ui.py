@@ -1,0 +1,88 @@
+"""What the flows show in the Prefect UI: run tags, and the batch's progress, table and gallery artifacts.
+
+Tags: every stage task run carries `model:<name>` and `device:<STAGEDIFF_DEVICE or "local">`, and the
+flow run carries the model tag too. A tag concurrency limit on the device tag keeps stages of
+different runs from sharing one device: `prefect concurrency-limit create device:local 1`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import get_client
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from stagediff.default_model import DEFAULT_MODEL_NAME
+
+TABLE_ROWS = 500  # the table artifact lists at most this many items; batch.json lists them all
+GALLERY_IMAGES = 8
+THUMBNAIL_PIXELS = 128
+
+
+def model_tag(model: str | None) -> str:
+    """`model:<folder name>` for a local pipeline folder, `model:<org/name>` for a Hub id."""
+    if not model:
+        return f"model:{DEFAULT_MODEL_NAME}"
+    return f"model:{Path(model).name}" if Path(model).exists() else f"model:{model}"
+
+
+def device_tag() -> str:
+    """The tag that a concurrency limit of 1 turns into "one stage at a time on this device"."""
+    return f"device:{os.environ.get('STAGEDIFF_DEVICE') or 'local'}"
+
+
+def stage_tags(model: str | None) -> set[str]:
+    return {model_tag(model), device_tag()}
+
+
+def tag_flow_run(*tags: str) -> None:
+    """Add tags to the running flow run, so that runs can be found by model in the UI."""
+    if flow_run.id is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *tags}))
+
+
+def items_table(entries: list[dict[str, Any]], store: Path) -> str:
+    """Table artifact `batch-items`: id, status, prompt, seed and image path of the first TABLE_ROWS items."""
+    rows = [
+        {"id": e["id"], "line": e["line"], "status": e["status"], "prompt": e["prompt"], "seed": e["seed"],
+         "image": str(store / e["image"])}
+        for e in entries[:TABLE_ROWS]
+    ]  # fmt: skip
+    shown = f"first {len(rows)} of {len(entries)}" if len(entries) > len(rows) else f"all {len(rows)}"
+    return str(create_table_artifact(rows, key="batch-items", description=f"Batch items ({shown}); see batch.json"))
+
+
+def _thumbnail(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def gallery(entries: list[dict[str, Any]], store: Path, run: int) -> str:
+    """Markdown artifact `batch-gallery`: thumbnails (inline, so the UI needs no file access) of the first
+    images made by run `run`, or of the store's first images if it made none."""
+    done = [e for e in entries if e["status"] == "done"]
+    new = [e for e in done if e["run"] == run]
+    shown = (new or done)[:GALLERY_IMAGES]
+    cells = [f"![{e['id']}]({_thumbnail(store / e['image'])})<br>`{e['id']}` seed {e['seed']}" for e in shown]
+    title = f"first {len(shown)} of the {len(new)} new images" if new else f"first {len(shown)} images"
+    lines = [f"# Batch gallery: {title}", "", f"Store: `{store}`", ""]
+    if cells:
+        columns = min(4, len(cells))
+        rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]
+        lines += ["| " + " | ".join([" "] * columns) + " |", "|" + "---|" * columns]
+        lines += ["| " + " | ".join(row + [" "] * (columns - len(row))) + " |" for row in rows]
+    else:
+        lines.append("No images yet.")
+    return str(create_markdown_artifact("\n".join(lines), key="batch-gallery", description="First images"))
