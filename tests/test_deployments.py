@@ -116,6 +116,19 @@ def succeeded(process: subprocess.Popen) -> None:
     assert code == 0, f"{' '.join(process.args)} failed:\n{output}"
 
 
+def drain_prefect_workers(api_url: str) -> None:
+    """Send this process' queued events and logs before the server stops, as prefect_test_harness does: a
+    worker left with a stopped server would hang the next harness' teardown, which drains every worker."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        with suppress(RuntimeError):  # not started
+            APILogWorker.instance().drain()
+        EventsWorker.drain_all()
+
+
 def stop(process: subprocess.Popen) -> None:
     """SIGTERM to the process group we started (the server's API process, the worker's flow runs), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
@@ -178,6 +191,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, stagediff_cache: Path) -> It
         succeeded(limit)
         yield stack
     finally:
+        drain_prefect_workers(api_url)
         for process in reversed(started):
             stop(process)
 
