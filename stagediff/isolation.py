@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -141,6 +141,25 @@ def _child_main(
     conn.close()
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Keep the parent's `__main__` out of the child's preparation data.
+
+    multiprocessing would re-import it in every child (for a Prefect worker's flow run that is
+    `prefect.engine`, seconds of imports per stage); stage targets never live in `__main__`.
+    """
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+        if "__spec__" not in saved:
+            del main.__spec__
+
+
 def run_isolated(
     target: str, *args: Any, name: str, logger: logging.Logger | logging.LoggerAdapter | None = None
 ) -> tuple[Any, ProcessStats]:
@@ -155,7 +174,8 @@ def run_isolated(
     alive_recv, alive_send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child_main, args=(target, args, send, alive_recv), name=f"stagediff-{name}")
     t0 = time.time()
-    process.start()
+    with _main_module_hidden():
+        process.start()
     send.close()
     alive_recv.close()
     started, peak_rss_mb, cuda_mb, outcome = t0, 0.0, None, None

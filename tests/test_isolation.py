@@ -59,3 +59,17 @@ def test_stage_process_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
             time.sleep(0.05)
     finally:
         parent.kill()
+
+
+def test_a_stage_does_not_re_import_the_parents_main_module(tmp_path: Path) -> None:
+    (tmp_path / "slow_main.py").write_text(
+        "import time\ntime.sleep(3)\n"
+        "if __name__ == '__main__':\n"
+        "    from stagediff.isolation import run_isolated\n"
+        "    run_isolated('os:getpid', name='warm')\n"
+        "    print(run_isolated('os:getpid', name='x')[1].startup_seconds)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "slow_main"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.strip().splitlines()[-1]) < 2.0  # a re-import would sleep 3 s
