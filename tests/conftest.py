@@ -34,9 +34,3 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stagediff.tiny_model import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the deployment end-to-end tests last: they point this process' Prefect client services (events,
-    concurrency leases) at a server they stop afterwards, and those singletons would outlive it."""
-    items.sort(key=lambda item: item.path.name == "test_deployments.py")

@@ -117,7 +117,7 @@ def test_two_processes_over_one_store_compute_every_key_once(tmp_path: Path) -> 
     store = Store(tmp_path / "store")
     every = [f"{i:02d}" + "0" * 62 for i in range(10)]
     first, second = every[:7], every[3:] + every[3:5]  # overlapping, in different orders, with duplicates
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # forking this multi-threaded test process is unsafe
     procs = [
         ctx.Process(target=_compute, args=(store.location, first, str(tmp_path / "p0.json"))),
         ctx.Process(target=_compute, args=(store.location, second[::-1], str(tmp_path / "p1.json"))),
