@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.common import median, prefect_api, print_table, timed_run, write_json
 from bench.models import mid_flux
+from stagediff.isolation import find_stage_process
 
 PROMPTS = ["a red fox in a forest, photo", "a city at night", "a lantern in the rain", "a robot portrait"]
 SETTINGS = ["--steps", "4", "--height", "128", "--width", "128", "--max-sequence-length", "64", "--batch-size", "2"]
@@ -42,21 +43,6 @@ denoise(ctx, refs, settings, {i["index"]: i["keys"]["latents"] for i in todo})
 latents = [ItemRef(i["index"], "latents", i["keys"]["latents"], "") for i in items]
 decode(ctx, latents, 128, 128, {i["index"]: i["keys"]["image"] for i in items})
 """
-
-
-def find_stage_process(stage: str, timeout: float = 300) -> int:
-    """The pid of the running stage process (processes are named stagediff-<stage>, 15 chars max)."""
-    name = f"stagediff-{stage}"[:15]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for comm in Path("/proc").glob("[0-9]*/comm"):
-            try:
-                if comm.read_text().strip() == name:
-                    return int(comm.parent.name)
-            except OSError:
-                continue
-        time.sleep(0.05)
-    raise TimeoutError(f"no {name} process appeared")
 
 
 def crash_in_denoise(cli: list[str], env: dict[str, str], after: float) -> None:

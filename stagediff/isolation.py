@@ -26,6 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 # Imported by the forkserver once, before any stage is forked from it.
@@ -104,6 +105,19 @@ def _set_process_title(title: str) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)
         libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+def find_stage_process(stage: str, timeout: float = 60.0) -> int:
+    """The pid of a running stage process, found by its name (`stagediff-<stage>`, 15 characters in /proc)."""
+    name = f"stagediff-{stage}"[:15]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for comm in Path("/proc").glob("[0-9]*/comm"):
+            with contextlib.suppress(OSError):
+                if comm.read_text().strip() == name:
+                    return int(comm.parent.name)
+        time.sleep(0.05)
+    raise TimeoutError(f"no {name} process appeared within {timeout} s")
 
 
 def _resolve(target: str) -> Callable[..., Any]:

@@ -11,20 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stagediff.isolation import StageError, run_isolated
-
-
-def find_process(name: str, timeout: float = 60) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for comm in Path("/proc").glob("[0-9]*/comm"):
-            try:
-                if comm.read_text().strip() == name:
-                    return int(comm.parent.name)
-            except OSError:
-                continue
-        time.sleep(0.05)
-    raise TimeoutError(name)
+from stagediff.isolation import StageError, find_stage_process, run_isolated
 
 
 def test_result_stats_and_a_fresh_process() -> None:
@@ -50,7 +37,7 @@ def test_stage_process_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
     code = "from stagediff.isolation import run_isolated; run_isolated('time:sleep', 120, name='sleep')"
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
-        child = find_process("stagediff-sleep")
+        child = find_stage_process("sleep")
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
         deadline = time.time() + 10
