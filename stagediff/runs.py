@@ -13,7 +13,6 @@ from artifacts.store import is_url
 from stagediff.request import GenerateRequest, RequestError
 from stagediff.spec import DenoiseSettings, ItemRef
 
-STAGES = ("encode", "denoise", "decode")
 ARTIFACT_OF_STAGE = {"encode": "embeddings", "denoise": "latents", "decode": "image"}  # manifest item fields
 KIND_OF_STAGE = {"encode": "embeddings", "denoise": "latents", "decode": "images"}  # store kinds
 # A stage whose every item was in the store starts no process.

@@ -92,10 +92,6 @@ def metadata(ctx: StageContext, stage: str, **fields: Any) -> dict[str, str]:
     }
 
 
-def batches(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 def device_map_of(obj: Any) -> dict[str, str] | None:
     """The accelerate/diffusers device map of a model or pipeline, as strings (for the manifest)."""
     device_map = getattr(obj, "hf_device_map", None)
