@@ -1,13 +1,14 @@
 """What the flows show in the Prefect UI: run tags, and the batch's progress, table and gallery artifacts.
 
-Tags: every stage task run carries `model:<name>` and `device:<STAGEDIFF_DEVICE or "local">`, and the
-flow run carries the model tag too. A tag concurrency limit on the device tag keeps stages of
-different runs from sharing one device: `prefect concurrency-limit create device:local 1`.
+Tags: the flow run carries `model:<name>`. A tag concurrency limit on `device:<STAGEDIFF_DEVICE or
+"local">` keeps stages of different runs from sharing one device (`prefect concurrency-limit create
+device:local 1`); stage task runs carry the device and model tags that such a limit exists for.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from prefect import get_client
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
 from stagediff.default_model import DEFAULT_MODEL_NAME
@@ -37,7 +39,22 @@ def device_tag() -> str:
 
 
 def stage_tags(model: str | None) -> set[str]:
-    return {model_tag(model), device_tag()}
+    """The device and model tags that a concurrency limit exists for, looked up once per flow run.
+
+    Prefect takes a slot of every tag of a task run before it starts: a write to the server per
+    stage, which on a SQLite server can collide with the server's own writes ("database is locked",
+    answered 503 and retried ~2 s later). A tag nobody limits would pay that for nothing.
+    """
+    tags = {model_tag(model), device_tag()}
+    if flow_run.id is None:
+        return tags
+    limited = set()
+    with get_client(sync_client=True) as client:
+        for tag in tags:
+            with contextlib.suppress(ObjectNotFound):
+                client.read_concurrency_limit_by_tag(tag)
+                limited.add(tag)
+    return limited
 
 
 def tag_flow_run(*tags: str) -> None:

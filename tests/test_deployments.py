@@ -307,7 +307,8 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
     ]
     assert by_type["markdown"].data.count("data:image/png;base64,") == 6
     assert sorted(t.name for t in task_runs) == ["decode [chunk 1/1]", "denoise [chunk 1/1]", "encode [chunk 1/1]"]
-    assert all({DEVICE_TAG, "model:tiny-flux"} <= set(t.tags) for t in task_runs)
+    # the device tag has a concurrency limit on this server, the model tag has none: only the flow run carries it
+    assert all(DEVICE_TAG in t.tags and "model:tiny-flux" not in t.tags for t in task_runs)
     assert "model:tiny-flux" in flow_run.tags
 
     # 4. Two more lines: only they are computed; the 6 images stay as they were
