@@ -35,6 +35,7 @@ from stagediff.batch import (
 )
 from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.family import family_for
+from stagediff.isolation import warm_up
 from stagediff.keys import model_identity, resolve_dtype
 from stagediff.request import Dtype, RequestError, validate_request
 from stagediff.runs import check_store
@@ -147,6 +148,8 @@ def batch(
         manifest = read_batch_manifest(store_dir) or new_manifest()
         todo = plan(manifest, items, store_dir, run_fields)
         chunks = make_chunks(todo, chunk_size)
+        if todo:
+            warm_up(request.model)  # the stages' imports start while the run is planned and tagged
         run = start_run(manifest, str(Path(prompts_file).resolve()), str(flow_run.id) if flow_run.id else None, todo)
         write_batch_manifest(store_dir, manifest)
         logger.info("%d items: %d done already, %d to compute in %d chunks", len(items), run["skipped"], len(todo),

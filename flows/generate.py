@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger
 from artifacts import Store, write_manifest
 from flows.ui import model_tag, stage_tags, tag_flow_run
 from stagediff.default_model import default_model_dir, ensure_default_model
-from stagediff.keys import item_keys, resolve_dtype
+from stagediff.isolation import warm_up
+from stagediff.keys import item_keys, model_identity, resolve_dtype
 from stagediff.request import Dtype, validate_request
 from stagediff.runs import (
     check_store,
@@ -110,20 +111,23 @@ def generate(
     )  # fmt: skip
     validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)
     store_location = check_store(store, out)
+    warm_up(model or str(default_model_dir()))  # under a worker: the stages' imports start now
     request = validate_request(**fields, model=model or str(ensure_default_model()))
     run_dir = request.run_dir
     manifest = open_manifest(request)
-    dtype = resolve_dtype(request.dtype)
-    # 2. Name every artifact by its content key; the store may hold some already
     artifact_store = Store(store_location)
+    # 2. While the stage forkserver is still importing torch: hash the model (cached), tag the run
+    identity = model_identity(request.model)
+    tag_flow_run(model_tag(model))
+    options = {"retries": retries, "tags": stage_tags(model)}  # tags a concurrency limit exists for
+    # 3. Name every artifact by its content key ("auto" dtype is asked of a stage process); the store may hold some
     settings = denoise_settings(request)
-    plan(manifest, item_keys(request, settings, dtype), artifact_store)
+    dtype = resolve_dtype(request.dtype)
+    plan(manifest, item_keys(request, settings, dtype, identity), artifact_store)
     manifest.update(status="running", flow_pid=os.getpid())
     write_manifest(run_dir, manifest)
     artifact_store.register_run(run_dir / "manifest.json")
     logger.info("run %s: %d prompts -> %s (store %s)", request.run_id, len(request.prompts), run_dir, store_location)
-    tag_flow_run(model_tag(model))
-    options = {"retries": retries, "tags": stage_tags(model)}  # a concurrency limit on the device tag
 
     ctx = StageContext(
         model=request.model,
@@ -136,7 +140,7 @@ def generate(
         pause_after_batch=float(os.environ.get("STAGEDIFF_TEST_BATCH_DELAY", 0)),
     )
     try:
-        # 3. Encode prompts (and negative prompts) -> embeddings
+        # 4. Encode prompts (and negative prompts) -> embeddings
         todo, damaged = stage_todo(manifest, artifact_store, "encode", strict)
         result = None
         if todo:
@@ -146,14 +150,14 @@ def generate(
                 ctx, prompts_, request.max_sequence_length, keys_of(manifest, "encode", todo), negatives
             )
         embeddings = record(manifest, run_dir, artifact_store, "encode", damaged, result)
-        # 4. Denoise embeddings + seeded noise -> latents
+        # 5. Denoise embeddings + seeded noise -> latents
         todo, damaged = stage_todo(manifest, artifact_store, "denoise", strict)
         result = None
         if todo:
             items = [(embeddings[i], request.seed_of(i)) for i in todo]
             result = denoise_task.with_options(**options)(ctx, items, settings, keys_of(manifest, "denoise", todo))
         latents = record(manifest, run_dir, artifact_store, "denoise", damaged, result)
-        # 5. Decode latents -> PNG images
+        # 6. Decode latents -> PNG images
         todo, damaged = stage_todo(manifest, artifact_store, "decode", strict)
         result = None
         if todo:

@@ -160,7 +160,7 @@ def run_flow(request: GenerateRequest, model: str | None, store: str | None, str
     from stagediff.isolation import warm_up
     from stagediff.prefect_api import choose_api
 
-    warm_up()  # the stage forkserver imports torch while Prefect starts
+    warm_up(request.model)  # the stage forkserver imports torch while Prefect starts
     choose_api()
     from flows.generate import generate
 

@@ -68,13 +68,26 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def warm_up() -> None:
-    """Start the forkserver now (it imports the heavy libraries in the background)."""
-    if start_method() == "forkserver":
-        _context()
-        from multiprocessing import forkserver
+def warm_up(model: str | None = None) -> None:
+    """Start the forkserver now: it imports the heavy libraries, and the classes `model` names, in the background.
 
+    A no-op when it is already running (it preloads what the first caller named).
+    """
+    if start_method() != "forkserver":
+        return
+    _context()
+    from multiprocessing import forkserver
+
+    before = os.environ.get("STAGEDIFF_PRELOAD_MODEL")
+    if model:
+        os.environ["STAGEDIFF_PRELOAD_MODEL"] = str(model)  # read by stagediff.preload in the new forkserver
+    try:
         forkserver.ensure_running()
+    finally:
+        if before is None:
+            os.environ.pop("STAGEDIFF_PRELOAD_MODEL", None)
+        else:
+            os.environ["STAGEDIFF_PRELOAD_MODEL"] = before
 
 
 class _PipeHandler(logging.Handler):

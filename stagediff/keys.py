@@ -145,9 +145,11 @@ def image_key(latents: str, model: ModelIdentity, tiled: bool, sliced: bool, dty
     return digest({"v": KEY_VERSION, "kind": "image", **fields, "sliced": sliced, "dtype": dtype})
 
 
-def item_keys(request: GenerateRequest, settings: DenoiseSettings, dtype: str) -> list[dict[str, str]]:
+def item_keys(
+    request: GenerateRequest, settings: DenoiseSettings, dtype: str, model: ModelIdentity | None = None
+) -> list[dict[str, str]]:
     """Per prompt: its `embeddings`, `latents` and `image` keys (`dtype` resolved, never "auto")."""
-    model = model_identity(request.model)
+    model = model or model_identity(request.model)
     negatives = request.negative_prompts or [None] * len(request.prompts)
     keys = []
     for i, (prompt, negative) in enumerate(zip(request.prompts, negatives, strict=True)):

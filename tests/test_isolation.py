@@ -60,3 +60,24 @@ def test_a_stage_does_not_re_import_the_parents_main_module(tmp_path: Path) -> N
     proc = subprocess.run([sys.executable, "-m", "slow_main"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout.strip().splitlines()[-1]) < 2.0  # a re-import would sleep 3 s
+
+
+def test_the_forkserver_preloads_the_classes_the_model_names(tiny_model: Path, tmp_path: Path) -> None:
+    from stagediff.preload import EVERY_FAMILY, classes_of
+
+    named = classes_of(str(tiny_model))
+    assert named["diffusers"][0] == "FluxPipeline" and "FluxTransformer2DModel" in named["diffusers"]
+    assert {"T5EncoderModel", "CLIPTextModel"} <= set(named["transformers"])
+    assert classes_of(None) == classes_of(str(tmp_path)) == EVERY_FAMILY  # no model_index.json: every family
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "x": ["evil_module", "Class"]}')
+    assert "evil_module" not in classes_of(str(tmp_path))  # only diffusers and transformers are imported
+
+    # A stage forked from a forkserver warmed up for the tiny Flux model finds Flux imported, SDXL not
+    code = (
+        "from stagediff.isolation import run_isolated, warm_up\n"
+        f"warm_up({str(tiny_model)!r})\n"
+        "print(*run_isolated('stagediff.preload:loaded_pipelines', name='probe')[0])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["flux"]
