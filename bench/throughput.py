@@ -42,6 +42,23 @@ def prompts(n: int) -> list[str]:
     return [f"a {WORDS[i % len(WORDS)]} number {i}, photo" for i in range(n)]
 
 
+def marginal_cost(summary: dict[int, dict[str, float]]) -> dict[str, float] | None:
+    """Seconds per extra image between the smallest and largest N (the fixed costs cancel out)."""
+    if len(summary) < 2:
+        return None
+    lo, hi = min(summary), max(summary)
+    per = {
+        way: (summary[hi][f"{way}_seconds"] - summary[lo][f"{way}_seconds"]) / (hi - lo)
+        for way in ("diffusers", "stagediff")
+    }
+    return {
+        "from_n": lo,
+        "to_n": hi,
+        **{f"{way}_seconds_per_image": round(v, 3) for way, v in per.items()},
+        "ratio": round(per["diffusers"] / per["stagediff"], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[1, 8, 32])
@@ -91,7 +108,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     header = ["N", "diffusers s", "stagediff s", "diffusers img/s", "stagediff img/s", "ratio", "stagediff s/img"]
     print_table(title, header, rows)
-    payload = {"settings": vars(args), "runs": {str(n): v for n, v in runs.items()}, "summary": summary}
+    marginal = marginal_cost(summary)
+    if marginal:
+        rows = [[way, marginal[f"{way}_seconds_per_image"]] for way in ("diffusers", "stagediff")]
+        rows.append(["ratio (diffusers / stagediff)", marginal["ratio"]])
+        print_table(f"Cost of one more image, N = {marginal['from_n']} -> {marginal['to_n']}", ["way", "s"], rows)
+    payload = {
+        "settings": vars(args),
+        "runs": {str(n): v for n, v in runs.items()},
+        "summary": summary,
+        "marginal": marginal,
+    }
     write_json(args.json, "throughput", payload)
     return payload
 
