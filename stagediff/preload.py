@@ -19,7 +19,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import PIL.Image  # noqa: F401
 import safetensors.torch  # noqa: F401
-import torch  # noqa: F401
+import torch
 from accelerate import init_empty_weights  # noqa: F401
 
 import stagediff.stages  # noqa: F401
@@ -60,7 +60,23 @@ def preload(model: str | None) -> None:
                 getattr(module, name)
 
 
+def warm_loading() -> None:
+    """Do once here the one-time work of a process' first `from_pretrained`, which every stage would repeat.
+
+    transformers builds its checkpoint conversion table (hundreds of regexes) on first use, and torch
+    takes its decomposition path for `normal_` on the meta device (where weights are created before
+    loading) the first time. Internal details: whatever fails here is simply done again in the stage.
+    """
+    with contextlib.suppress(Exception):
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        get_checkpoint_conversion_mapping("t5")
+    with contextlib.suppress(Exception), torch.device("meta"):
+        torch.nn.Embedding(2, 2)
+
+
 preload(os.environ.get("STAGEDIFF_PRELOAD_MODEL"))
+warm_loading()
 
 
 def loaded_pipelines() -> list[str]:
