@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 # Imported by the forkserver once, before any stage is forked from it.
-PRELOAD_MODULES = ["stagediff.preload"]
+PRELOAD_MODULES = ["stagediff.forkserver"]
 START_METHODS = ("forkserver", "spawn")
 
 log = logging.getLogger(__name__)

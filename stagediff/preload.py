@@ -1,4 +1,4 @@
-"""Imported once by the stage forkserver so that forked stages start without paying for imports.
+"""What the stage forkserver imports once so that forked stages start without paying for imports.
 
 Besides what every stage uses, it imports the classes the stages will load: those named in the
 model_index.json of `$STAGEDIFF_PRELOAD_MODEL` (set by `isolation.warm_up(model)`), or, without a
@@ -7,6 +7,7 @@ must not be initialised before a fork).
 """
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -75,8 +76,15 @@ def warm_loading() -> None:
         torch.nn.Embedding(2, 2)
 
 
-preload(os.environ.get("STAGEDIFF_PRELOAD_MODEL"))
-warm_loading()
+def prepare_forkserver() -> None:
+    """Everything the stage forkserver does before it forks its first stage (see stagediff/forkserver.py)."""
+    preload(os.environ.get("STAGEDIFF_PRELOAD_MODEL"))
+    warm_loading()
+    # Move every object imported so far out of the collector's reach (Python's advice before fork()):
+    # a stage's collections no longer walk, or copy-on-write, the million objects torch and diffusers
+    # import, and the forkserver's own exit skips a ~1 s final collection; the CLI's output pipes
+    # close only when the forkserver has gone too.
+    gc.freeze()
 
 
 def loaded_pipelines() -> list[str]:

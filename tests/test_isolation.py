@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,7 +78,27 @@ def test_the_forkserver_preloads_the_classes_the_model_names(tiny_model: Path, t
         "from stagediff.isolation import run_isolated, warm_up\n"
         f"warm_up({str(tiny_model)!r})\n"
         "print(*run_isolated('stagediff.preload:loaded_pipelines', name='probe')[0])\n"
+        "print(run_isolated('gc:get_freeze_count', name='probe')[0])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["flux"]
+    pipelines, frozen = proc.stdout.splitlines()
+    assert pipelines.split() == ["flux"]
+    # What the forkserver imported is frozen: out of every stage's garbage collections
+    assert int(frozen) > 100_000
+
+
+def test_the_forkserver_lets_go_of_the_callers_output_when_it_exits(tmp_path: Path) -> None:
+    # A caller reading a command's output to the end (a pipe, a worker) waits for every process holding
+    # it. The forkserver holds it too: 1.3-1.5 s after the command while it tore torch down, 0.35 s with
+    # its objects frozen, 0.05 s now that it skips the teardown.
+    code = "from stagediff.isolation import run_isolated\nprint(run_isolated('os:getpid', name='x')[0])\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    exited = []
+    waiter = threading.Thread(target=lambda: exited.append((proc.wait(), time.monotonic())))
+    waiter.start()
+    out = proc.stdout.read()  # returns at EOF: when the last holder of the pipe has gone
+    eof = time.monotonic()
+    waiter.join()
+    assert exited[0][0] == 0 and int(out)
+    assert eof - exited[0][1] < 0.25
