@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,13 +24,14 @@ from pathlib import Path
 
 from bench.common import median, prefect_api, print_table, write_json
 from bench.models import component_sizes, mid_flux
+from stagediff.isolation import peak_rss_mb
 
 PROMPTS = ["a red fox in a forest, photo", "a city at night"]
 
 
 def _peak_mb(reset: bool = False) -> float:
     """This process's peak RSS so far in MB; `reset` starts a new peak (Linux)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     if reset:
         Path("/proc/self/clear_refs").write_text("5")
     return round(peak, 1)
@@ -105,10 +105,11 @@ def run_diffusers(way: str, model: Path, steps: int, size: int, out: Path) -> di
 def run_stagediff(model: Path, steps: int, size: int, out: Path, api_url: str) -> dict:
     """The CLI in a fresh process; its own peak and the largest of its descendants' peaks."""
     code = (
-        "import json, resource, sys; from multiprocessing import forkserver; from stagediff.cli import main; "
+        "import json, sys; from multiprocessing import forkserver; from stagediff.cli import main; "
+        "from stagediff.isolation import peak_rss_mb; "
         "rc = main(sys.argv[1:]); pid = forkserver._forkserver._forkserver_pid; "
         "hwm = [l for l in open(f'/proc/{pid}/status') if l.startswith('VmHWM')][0].split()[1]; "
-        "print(json.dumps({'rc': rc, 'self': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+        "print(json.dumps({'rc': rc, 'self': peak_rss_mb(), "
         "'forkserver': int(hwm) / 1024}))"
     )
     args = ["generate", "--model", str(model), "--steps", str(steps), "--height", str(size), "--width", str(size)]

@@ -109,8 +109,17 @@ def _watch_parent(parent_alive: multiprocessing.connection.Connection) -> None:
     os._exit(70)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+def peak_rss_mb() -> float:
+    """This process' peak resident set size in MB: the kernel's VmHWM on Linux.
+
+    Not `ru_maxrss`: Linux carries that over exec(), so a command started from a big process
+    (a benchmark, a worker) would report at least its parent's peak.
+    """
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux and BSD; bytes on macOS
 
 
 def _set_process_title(title: str) -> None:
@@ -163,7 +172,7 @@ def _child_main(
     if torch is not None and torch.cuda.is_initialized():
         cuda_mb = torch.cuda.max_memory_allocated() / 2**20
     with lock:
-        conn.send(("stats", started, _peak_rss_mb(), cuda_mb))
+        conn.send(("stats", started, peak_rss_mb(), cuda_mb))
         conn.send(message)
     conn.close()
 

@@ -102,3 +102,14 @@ def test_the_forkserver_lets_go_of_the_callers_output_when_it_exits(tmp_path: Pa
     waiter.join()
     assert exited[0][0] == 0 and int(out)
     assert eof - exited[0][1] < 0.25
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents() -> None:
+    from stagediff.isolation import peak_rss_mb
+
+    ballast = bytearray(400 * 2**20)  # touched: 400 MB resident in this process
+    assert peak_rss_mb() > 400
+    code = "from stagediff.isolation import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 200  # ru_maxrss would say >= 400: Linux keeps it across exec()
+    del ballast
