@@ -18,26 +18,25 @@ from prefect.runtime import flow_run
 from artifacts import ArtifactError, Store
 from flows.ui import gallery, items_table, model_tag, stage_tags, tag_flow_run
 from stagediff.batch import (
-    SETTINGS,
     BatchItem,
+    check_batch,
     chunk_keys,
     fail_chunk,
     finish_run,
     make_chunks,
     new_manifest,
     plan,
-    read_batch_file,
     read_batch_manifest,
     record_chunk,
     start_run,
     store_lock,
     write_batch_manifest,
 )
-from stagediff.default_model import default_model_dir, ensure_default_model
+from stagediff.default_model import ensure_default_model
 from stagediff.family import family_for
 from stagediff.isolation import warm_up
 from stagediff.keys import model_identity, resolve_dtype
-from stagediff.request import Dtype, RequestError, validate_request
+from stagediff.request import Dtype, validate_request
 from stagediff.runs import check_store
 from stagediff.spec import DenoiseSettings, ItemRef, StageContext
 from tasks import decode_task, denoise_task, encode_task
@@ -127,18 +126,12 @@ def batch(
     logger = get_run_logger()
     # 1. Check the parameters, then every line of the file (before any model is built or loaded, and before
     #    anything is written)
-    fields = dict(
-        steps=steps, guidance=guidance, height=height, width=width, seed=seed, max_sequence_length=max_sequence_length,
-        batch_size=batch_size, dtype=dtype, placement={"max_memory": max_memory, "offload_dir": offload_dir},
-        prompts=["-"], run_id="batch",
+    fields, items = check_batch(
+        prompts_file, store, model, seed, chunk_size, steps=steps, guidance=guidance, height=height, width=width,
+        max_sequence_length=max_sequence_length, batch_size=batch_size, dtype=dtype,
+        placement={"max_memory": max_memory, "offload_dir": offload_dir},
     )  # fmt: skip
-    validate_request(**fields, model=model or str(default_model_dir()), check_model=False)
-    if chunk_size < 1:
-        raise RequestError("chunk_size", chunk_size, "must be an integer >= 1")
     store_dir = Path(store)
-    if store_dir.exists() and not store_dir.is_dir():
-        raise RequestError("store", store, "must be a folder (or not exist yet)")
-    items = read_batch_file(prompts_file, seed, {name: fields[name] for name in SETTINGS})
     request = validate_request(**fields, model=model or str(ensure_default_model()))
 
     # 2. Plan: skip the items already in the store; group the others by settings, in chunks. A second run on

@@ -26,6 +26,7 @@ from typing import Any
 
 import stagediff
 from artifacts import ArtifactError, atomic_write_bytes, verify_file
+from stagediff.default_model import default_model_dir
 from stagediff.keys import ModelIdentity, embeddings_key, image_key, latents_key
 from stagediff.request import MAX_SEED, RequestError, validate_request
 from stagediff.spec import DenoiseSettings
@@ -223,6 +224,30 @@ def read_batch_file(path: str | Path, seed: int, defaults: dict[str, Any]) -> li
     if seed + len(rows) - 1 > MAX_SEED:
         raise RequestError("seed", seed, f"must be at most {MAX_SEED - len(rows) + 1} for {len(rows)} items")
     return items
+
+
+def check_batch(
+    prompts_file: str,
+    store: str,
+    model: str | None,
+    seed: int,
+    chunk_size: int,
+    check_model: bool = False,
+    **settings: Any,
+) -> tuple[dict[str, Any], list[BatchItem]]:
+    """The parameters, then every line of the file, before anything loads or is written (the flow's and the CLI's
+    check): the request fields and the items, or RequestError / BatchFileError naming what is wrong.
+
+    `settings`: steps, guidance, height, width, max_sequence_length, batch_size, dtype, placement.
+    `check_model`: also check that `model` is a pipeline folder or Hub id stagediff can load.
+    """
+    fields = dict(**settings, seed=seed, prompts=["-"], run_id="batch")
+    validate_request(**fields, model=model or str(default_model_dir()), check_model=check_model and model is not None)
+    if chunk_size < 1:
+        raise RequestError("chunk_size", chunk_size, "must be an integer >= 1")
+    if Path(store).exists() and not Path(store).is_dir():
+        raise RequestError("store", store, "must be a folder (or not exist yet)")
+    return fields, read_batch_file(prompts_file, seed, {name: fields[name] for name in SETTINGS})
 
 
 # 3. The store: which items are done, what to compute in which chunk, and the manifest

@@ -1,5 +1,5 @@
-"""`stagediff` command line: `generate` runs the Prefect flow, `resume` finishes a run, `gc` cleans a store,
-`tiny-model` writes a tiny offline model.
+"""`stagediff` command line: `generate` runs the Prefect flow, `batch` runs it over a prompts file, `resume`
+finishes a run, `gc` cleans a store, `tiny-model` writes a tiny offline model.
 
 Input is validated here before Prefect, torch or any model is imported, so bad input costs
 nothing, writes nothing and exits with status 2.
@@ -95,14 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--run-id", help="plain name of the run folder (default: a new timestamped name)")
     add_run_options(gen)
 
+    batch = commands.add_parser("batch", help="an image for every item of a prompts file the store lacks")
+    batch.add_argument("prompts_file", metavar="FILE", help=".txt (a prompt a line), .jsonl or .csv (see README)")
+    batch.add_argument("--store", default="outputs/batch", help="the batch's folder, kept from run to run")
+    batch.add_argument("--model", help="diffusers pipeline folder or Hub id (default: the embedded tiny Flux model)")
+    batch.add_argument("--seed", type=int, default=0, help="an item without its own seed gets SEED + its position")
+    batch.add_argument("--steps", type=int, default=28, help="of items without their own (likewise below)")
+    batch.add_argument("--guidance", type=float, default=3.5)
+    batch.add_argument("--height", type=int, default=1024)
+    batch.add_argument("--width", type=int, default=1024)
+    batch.add_argument("--max-sequence-length", type=int, default=512)
+    batch.add_argument("--chunk-size", type=int, default=8, help="items per chunk: each model loads once a chunk")
+    batch.add_argument("--batch-size", type=int, default=1)
+    batch.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    batch.add_argument("--max-memory", help='memory per device, e.g. "0=16GiB,1=16GiB,cpu=64GiB"')
+    batch.add_argument("--offload-dir", help="folder for weights offloaded to disk")
+    batch.add_argument("--retries", type=int, default=0, help="retries of a failed stage")
+
     resume = commands.add_parser("resume", help="finish a run: compute only what its store lacks")
     resume.add_argument("run", metavar="OUT/RUN", help="the run folder (its manifest.json holds the request)")
     add_run_options(resume)
 
-    gc = commands.add_parser("gc", help="remove the artifacts of a store that no kept run references")
-    gc.add_argument("store", metavar="STORE", help="the store: a folder or fsspec URL")
-    gc.add_argument("--older-than", default="7d", help="only artifacts at least this old: 7d, 12h, 30m, 0s")
-    gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    clean = commands.add_parser("gc", help="remove the artifacts of a store that no kept run references")
+    clean.add_argument("store", metavar="STORE", help="the store: a folder or fsspec URL")
+    clean.add_argument("--older-than", default="7d", help="only artifacts at least this old: 7d, 12h, 30m, 0s")
+    clean.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random pipeline of one family (offline)")
     tiny.add_argument("dir")
@@ -191,6 +208,39 @@ def run_flow(request: GenerateRequest, model: str | None, store: str | None, str
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """The batch flow over a prompts file; every line is checked here, before Prefect or torch is imported."""
+    from stagediff.batch import BatchFileError, check_batch
+
+    settings = dict(
+        steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+        max_sequence_length=args.max_sequence_length, batch_size=args.batch_size, dtype=args.dtype,
+        placement={"max_memory": args.max_memory, "offload_dir": args.offload_dir},
+    )  # fmt: skip
+    try:
+        _, items = check_batch(
+            args.prompts_file, args.store, args.model, args.seed, args.chunk_size, check_model=True, **settings
+        )
+    except BatchFileError as exc:
+        print(f"stagediff: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from stagediff.prefect_api import choose_api
+
+    choose_api()  # the flow starts the stage forkserver itself, once it knows there is something to compute
+    from flows.batch import batch
+
+    manifest = batch(
+        prompts_file=args.prompts_file, store=args.store, model=args.model, seed=args.seed, chunk_size=args.chunk_size,
+        retries=args.retries, max_memory=args.max_memory, offload_dir=args.offload_dir,
+        **{k: v for k, v in settings.items() if k != "placement"},
+    )  # fmt: skip
+    run = manifest["runs"][-1]
+    done = sum(entry["status"] == "done" for entry in manifest["items"])
+    print(f"\n{len(items)} items in {args.prompts_file}: {run['computed']} computed, {run['skipped']} done before")
+    print(f"{done} images in {Path(args.store) / 'images'}; manifest: {Path(args.store) / 'batch.json'}")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from stagediff.gc import collect_garbage, parse_age
 
@@ -216,7 +266,9 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "resume": cmd_resume, "gc": cmd_gc, "tiny-model": cmd_tiny_model}
+    commands = {
+        "generate": cmd_generate, "batch": cmd_batch, "resume": cmd_resume, "gc": cmd_gc, "tiny-model": cmd_tiny_model
+    }  # fmt: skip
     try:
         return commands[args.command](args)
     except RequestError as exc:
