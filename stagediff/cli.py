@@ -215,12 +215,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     settings = dict(
         steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
         max_sequence_length=args.max_sequence_length, batch_size=args.batch_size, dtype=args.dtype,
-        placement={"max_memory": args.max_memory, "offload_dir": args.offload_dir},
     )  # fmt: skip
+    placement = {"max_memory": args.max_memory, "offload_dir": args.offload_dir}
     try:
         _, items = check_batch(
-            args.prompts_file, args.store, args.model, args.seed, args.chunk_size, check_model=True, **settings
-        )
+            args.prompts_file, args.store, args.model, args.seed, args.chunk_size,
+            check_model=True, placement=placement, **settings,
+        )  # fmt: skip
     except BatchFileError as exc:
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -231,8 +232,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     manifest = batch(
         prompts_file=args.prompts_file, store=args.store, model=args.model, seed=args.seed, chunk_size=args.chunk_size,
-        retries=args.retries, max_memory=args.max_memory, offload_dir=args.offload_dir,
-        **{k: v for k, v in settings.items() if k != "placement"},
+        retries=args.retries, **placement, **settings,
     )  # fmt: skip
     run = manifest["runs"][-1]
     done = sum(entry["status"] == "done" for entry in manifest["items"])

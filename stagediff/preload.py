@@ -81,9 +81,7 @@ def prepare_forkserver() -> None:
     preload(os.environ.get("STAGEDIFF_PRELOAD_MODEL"))
     warm_loading()
     # Move every object imported so far out of the collector's reach (Python's advice before fork()):
-    # a stage's collections no longer walk, or copy-on-write, the million objects torch and diffusers
-    # import, and the forkserver's own exit skips a ~1 s final collection; the CLI's output pipes
-    # close only when the forkserver has gone too.
+    # a stage's collections no longer walk, or copy-on-write, the objects torch and diffusers import.
     gc.freeze()
 
 
