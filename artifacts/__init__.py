@@ -1,18 +1,9 @@
-"""Persisted intermediates: atomic, checksummed safetensors, PNGs and run manifests."""
+"""The artifact store (`stagediff.artifacts`): content-addressed, checksummed objects shared by runs, the
+atomic file writes under it, and the run manifests. Everything a stage persists goes through `Store`."""
 
-from artifacts.files import (
-    ArtifactError,
-    atomic_write_bytes,
-    load_tensors,
-    png_metadata,
-    safetensors_metadata,
-    save_png,
-    save_tensors,
-    sha256_file,
-    verify_file,
-)
-from artifacts.manifest import read_manifest, write_manifest
-from artifacts.store import Claim, Record, Store
+from stagediff.artifacts.files import ArtifactError, atomic_write_bytes, sha256_file, verify_file
+from stagediff.artifacts.manifest import read_manifest, write_manifest
+from stagediff.artifacts.store import Claim, Record, Store
 
 __all__ = [
     "ArtifactError",
@@ -20,12 +11,7 @@ __all__ = [
     "Record",
     "Store",
     "atomic_write_bytes",
-    "load_tensors",
-    "png_metadata",
     "read_manifest",
-    "safetensors_metadata",
-    "save_png",
-    "save_tensors",
     "sha256_file",
     "verify_file",
     "write_manifest",

@@ -10,11 +10,6 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
-    from PIL.Image import Image
 
 
 class ArtifactError(RuntimeError):
@@ -69,31 +64,6 @@ def verify_file(path: str | Path, sha256: str) -> bytes:
     return data
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Save tensors as safetensors with string metadata (what produced them); return the sha256."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    return atomic_write_bytes(path, data)
-
-
-def load_tensors(
-    path: str | Path, sha256: str, expect: dict[str, Any] | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Verify and load a safetensors artifact; `expect` lists metadata fields that must match."""
-    from safetensors import safe_open
-    from safetensors.torch import load
-
-    data = verify_file(path, sha256)
-    tensors = load(data)
-    with safe_open(str(path), framework="pt") as f:  # verified above; read only the header here
-        metadata = f.metadata() or {}
-    for key, value in (expect or {}).items():
-        if metadata.get(key) != str(value):
-            raise ArtifactError(f"artifact {path} has {key}={metadata.get(key)!r}, expected {str(value)!r}")
-    return tensors, metadata
-
-
 def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The string metadata in a safetensors file's header, read without torch; ValueError if unreadable."""
     try:
@@ -114,15 +84,3 @@ def png_metadata(data: bytes) -> dict[str, str]:
             return dict(getattr(image, "text", {}))
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"not a PNG file: {exc}") from None
-
-
-def save_png(path: str | Path, image: Image, metadata: dict[str, str] | None = None) -> str:
-    """Save a PIL image as PNG (with text chunks for `metadata`) atomically; return the sha256."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in (metadata or {}).items():
-        info.add_text(key, value)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return atomic_write_bytes(path, buffer.getvalue())

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from artifacts.files import atomic_write_bytes
+from stagediff.artifacts.files import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
 

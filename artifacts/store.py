@@ -28,7 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from artifacts.files import ArtifactError, atomic_write_bytes, png_metadata, safetensors_metadata, sha256_bytes
+from stagediff.artifacts.files import (
+    ArtifactError,
+    atomic_write_bytes,
+    png_metadata,
+    safetensors_metadata,
+    sha256_bytes,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -41,10 +41,9 @@ for i, image in enumerate(images):
 def stage_startup(model: str, work: Path, repeats: int) -> dict[str, dict[str, list[float]]]:
     """Per start method and stage: start-up and total seconds of each run of the real stages."""
     from stagediff.isolation import run_isolated, warm_up
-    from stagediff.keys import item_keys, resolve_dtype
-    from stagediff.request import validate_request
-    from stagediff.runs import denoise_settings
-    from stagediff.spec import StageContext
+    from stagediff.jobs import DecodeItem, DecodeJob, DenoiseItem, DenoiseJob, EncodeItem, EncodeJob, StageContext
+    from stagediff.keys import item_keys, model_identity, resolve_dtype
+    from stagediff.request import resolve_settings, validate_request
 
     results: dict[str, dict[str, list[float]]] = {}
     for method in ("forkserver", "spawn"):
@@ -52,28 +51,27 @@ def stage_startup(model: str, work: Path, repeats: int) -> dict[str, dict[str, l
         if method == "forkserver":
             t0 = time.perf_counter()
             warm_up()
-            run_isolated("stagediff.stages.common:accelerator_count", name="warm-up")  # waits for the preload
+            run_isolated("stagediff.stages.devices:accelerator_count", name="warm-up")  # waits for the preload
             results["forkserver_boot_seconds"] = {"all": [round(time.perf_counter() - t0, 3)]}
         request = validate_request(prompts=PROMPTS, model=model, run_id="bench", **SETTINGS)
-        settings = denoise_settings(request)
-        keys = item_keys(request, settings, resolve_dtype("auto"))
-        keys_of = {field: {i: k[field] for i, k in enumerate(keys)} for field in ("embeddings", "latents", "image")}
+        settings, dtype, identity = (
+            resolve_settings(request.settings, model),
+            resolve_dtype("auto"),
+            model_identity(model),
+        )
+        keys = [item_keys(identity, p, None, 7 + i, settings, dtype) for i, p in enumerate(PROMPTS)]
+        n = range(len(PROMPTS))
         for r in range(repeats):
             run_dir = work / f"{method}-{r}"  # and a fresh store in it: every stage computes everything
-            ctx = StageContext(
-                model=model, run_dir=str(run_dir), dtype="auto", batch_size=2, store=str(run_dir / "store")
-            )
-            prompts = list(enumerate(PROMPTS))
-            enc, s_enc = run_isolated(
-                "stagediff.stages.encode:encode", ctx, prompts, 32, keys_of["embeddings"], name="encode"
-            )
-            items = [(ref, 7 + ref.index) for ref in enc["items"]]
-            den, s_den = run_isolated(
-                "stagediff.stages.denoise:denoise", ctx, items, settings, keys_of["latents"], name="denoise"
-            )
-            _, s_dec = run_isolated(
-                "stagediff.stages.decode:decode", ctx, den["items"], 64, 64, keys_of["image"], name="decode"
-            )
+            ctx = StageContext(model, str(run_dir), str(run_dir / "store"), dtype, batch_size=2)
+            job = EncodeJob(ctx, [EncodeItem(i, PROMPTS[i], None, 32, keys[i]["embeddings"]) for i in n])
+            enc, s_enc = run_isolated("stagediff.stages.encode:encode", job, name="encode")
+            refs = {ref.index: ref for ref in enc.items}
+            job = DenoiseJob(ctx, [DenoiseItem(i, refs[i], 7 + i, settings, keys[i]["latents"]) for i in n])
+            den, s_den = run_isolated("stagediff.stages.denoise:denoise", job, name="denoise")
+            refs = {ref.index: ref for ref in den.items}
+            job = DecodeJob(ctx, [DecodeItem(i, refs[i], 64, 64, keys[i]["images"]) for i in n])
+            _, s_dec = run_isolated("stagediff.stages.decode:decode", job, name="decode")
             for stage, stats in (("encode", s_enc), ("denoise", s_den), ("decode", s_dec)):
                 row = results.setdefault(f"{method}/{stage}", {"startup": [], "seconds": []})
                 row["startup"].append(stats.startup_seconds)
@@ -84,7 +82,7 @@ def stage_startup(model: str, work: Path, repeats: int) -> dict[str, dict[str, l
 
 def orchestration(model: str, work: Path, repeats: int) -> dict[str, list[float]]:
     """Wall time of the flow called in-process, and the part of it spent outside stage processes."""
-    from flows.generate import generate
+    from tests.reference import run_generate as generate
 
     walls, overheads = [], []
     for r in range(repeats):

@@ -30,18 +30,19 @@ SETTINGS = ["--steps", "4", "--height", "128", "--width", "128", "--max-sequence
 REMAINING_SCRIPT = """
 import json, sys
 from pathlib import Path
-from artifacts import Store
-from stagediff.stages import DenoiseSettings, ItemRef, StageContext, decode, denoise
+from stagediff.artifacts import Store
+from stagediff.jobs import DecodeItem, DecodeJob, DenoiseItem, DenoiseJob, DenoiseSettings, ItemRef, StageContext
+from stagediff.stages import decode, denoise
 run_dir, store = Path(sys.argv[1]), sys.argv[2]
 manifest = json.loads((run_dir / "manifest.json").read_text())
-ctx = StageContext(model=manifest["model"], run_dir=str(run_dir), dtype="auto", batch_size=2, store=store)
+ctx = StageContext(manifest["model"], str(run_dir), store, manifest["dtype"], batch_size=2)
 items = manifest["items"]
 todo = [i for i in items if Store(store).check("latents", i["keys"]["latents"]) is None]
-refs = [(ItemRef(i["index"], "embeddings", i["keys"]["embeddings"], ""), i["seed"]) for i in todo]
-settings = DenoiseSettings(steps=4, guidance=3.5, height=128, width=128, max_sequence_length=64)
-denoise(ctx, refs, settings, {i["index"]: i["keys"]["latents"] for i in todo})
-latents = [ItemRef(i["index"], "latents", i["keys"]["latents"], "") for i in items]
-decode(ctx, latents, 128, 128, {i["index"]: i["keys"]["image"] for i in items})
+settings = DenoiseSettings(**manifest["settings"])
+denoise(DenoiseJob(ctx, [DenoiseItem(i["index"], ItemRef(i["index"], "embeddings", i["keys"]["embeddings"], ""),
+                                     i["seed"], settings, i["keys"]["latents"]) for i in todo]))
+decode(DecodeJob(ctx, [DecodeItem(i["index"], ItemRef(i["index"], "latents", i["keys"]["latents"], ""), 128, 128,
+                                  i["keys"]["images"]) for i in items]))
 """
 
 

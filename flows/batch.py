@@ -1,205 +1,140 @@
-"""The `batch` flow: images for every line of a prompts file that the store does not have yet.
+"""The `batch` flow: images for every line of a prompts file that the batch folder does not have yet.
 
-Every line is checked before anything loads or is written. The items still to do are grouped by
-their settings and cut into chunks; each chunk goes through encode -> denoise -> decode (each stage
-in its own process, loading its model once for the chunk). `STORE/batch.json` lists every item and
-its status, so a nightly run over a growing file only computes the new lines.
+Every line is checked before anything loads or is written. The items still to do go through the run
+engine, as `generate`'s do; `STORE/batch.json` lists every item and its status, so a nightly run over
+a growing file only computes the new lines.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
-from artifacts import ArtifactError, Store
-from flows.ui import gallery, items_table, model_tag, stage_tags, tag_flow_run
+from stagediff.artifacts import Store
 from stagediff.batch import (
-    BatchItem,
     check_batch,
-    chunk_keys,
-    fail_chunk,
     finish_run,
-    make_chunks,
+    item_entry,
     new_manifest,
     plan,
     read_batch_manifest,
-    record_chunk,
+    record_images,
     start_run,
     store_lock,
     write_batch_manifest,
 )
-from stagediff.default_model import ensure_default_model
+from stagediff.default_model import default_model_dir, ensure_default_model
+from stagediff.engine import Item
 from stagediff.family import family_for
-from stagediff.isolation import warm_up
-from stagediff.keys import model_identity, resolve_dtype
-from stagediff.request import Dtype, validate_request
-from stagediff.runs import check_store
-from stagediff.spec import DenoiseSettings, ItemRef, StageContext
-from tasks import decode_task, denoise_task, encode_task
+from stagediff.flows.running import run_name, start_engine
+from stagediff.flows.ui import caption, gallery, items_table
+from stagediff.jobs import ItemRef
+from stagediff.progress import Progress
+from stagediff.request import ImageSettings, Placement, RunOptions, check_store, resolve_settings, validate_request
 
 
-def run_chunk(
-    chunk: list[BatchItem],
-    label: str,
-    ctx: StageContext,
-    store: Store,
-    keys: dict[int, dict[str, str]],
-    settings: DenoiseSettings,
-    use_negatives: bool,
-    options: dict[str, Any],
-) -> tuple[list[ItemRef], dict[str, Any]]:
-    """encode -> denoise -> decode for the chunk's items the store lacks (a stage with nothing to do starts
-    no process); return every item's image ref and the stats of the processes that ran."""
-    by_position = {item.position: item for item in chunk}
-    stats: dict[str, Any] = {}
-
-    def missing(kind: str) -> list[int]:
-        return [p for p in by_position if store.check(kind, keys[p][kind]) is None]
-
-    def refs(kind: str) -> dict[int, ItemRef]:
-        found = {p: store.check(kind, keys[p][kind]) for p in by_position}
-        if any(record is None for record in found.values()):
-            raise ArtifactError(f"{kind} of chunk {label} missing from the store after its stage ran")
-        return {p: ItemRef(p, kind, keys[p][kind], record.sha256) for p, record in found.items()}
-
-    def run(stage: str, task: Any, kind: str, todo: list[int], *args: Any, **kwargs: Any) -> None:
-        named = task.with_options(task_run_name=f"{stage} {label}", **options)
-        stats[stage] = named(ctx, *args, {p: keys[p][kind] for p in todo}, **kwargs)["process"]
-
-    if todo := missing("embeddings"):
-        negatives = [by_position[p].negative_prompt for p in todo] if use_negatives else None
-        prompts = [(p, by_position[p].prompt) for p in todo]
-        run(
-            "encode", encode_task, "embeddings", todo, prompts, settings.max_sequence_length, negative_prompts=negatives
-        )
-    embeddings = refs("embeddings")
-    if todo := missing("latents"):
-        run("denoise", denoise_task, "latents", todo, [(embeddings[p], by_position[p].seed) for p in todo], settings)
-    latents = refs("latents")
-    if todo := missing("images"):
-        run("decode", decode_task, "images", todo, [latents[p] for p in todo], settings.height, settings.width)
-    return list(refs("images").values()), stats
-
-
-@flow(name="batch", log_prints=True)
+@flow(name="batch", flow_run_name=run_name, log_prints=True)
 def batch(
     prompts_file: str,
     store: str = "outputs/batch",
+    settings: ImageSettings = ImageSettings(),  # noqa: B008 (pydantic models are immutable here)
     model: str | None = None,
     seed: int = 0,
-    steps: int = 28,
-    guidance: float = 3.5,
-    height: int = 1024,
-    width: int = 1024,
-    max_sequence_length: int = 512,
-    chunk_size: int = 8,
-    batch_size: int = 1,
-    dtype: Dtype = "auto",
-    max_memory: str | dict[str, str] | None = None,
-    offload_dir: str | None = None,
-    retries: int = 0,
+    placement: Placement = Placement(),  # noqa: B008
+    options: RunOptions = RunOptions(),  # noqa: B008
 ) -> dict[str, Any]:
-    """Generate an image for every item of a prompts file that is not in the store yet.
+    """Generate an image for every item of a prompts file that is not in the batch folder yet.
 
     Args:
         prompts_file: A .txt (one prompt a line), .jsonl or .csv file; columns: id, prompt, negative_prompt,
             seed, steps, guidance, height, width (only prompt is required).
         store: Folder of the batch: images/{item id}.png and batch.json, kept from run to run.
+        settings: The settings of items without their own; empty fields take the model's pipeline defaults.
         model: Diffusers pipeline folder or Hub id; empty means the embedded tiny random model.
         seed: Base seed: an item without its own seed uses seed + its position (0-based) in the file.
-        steps: Denoising steps of items without their own.
-        guidance: Guidance scale of items without their own.
-        height: Image height (a multiple of 16) of items without their own.
-        width: Image width (a multiple of 16) of items without their own.
-        max_sequence_length: T5 tokens per prompt, 1 to 512.
-        chunk_size: Items per chunk: each stage loads its model once per chunk.
-        batch_size: Items per forward pass in every stage.
-        dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
-        max_memory: Memory per device, e.g. "0=16GiB,1=16GiB,cpu=64GiB".
-        offload_dir: Folder for weights accelerate offloads to disk.
-        retries: Retries of a failed stage.
+        placement: dtype, batch size, memory per device, offload folder, VAE tiling and slicing.
+        options: Strict (stop at a damaged artifact), retries of a failed stage, chunk size (empty: automatic).
     """
     logger = get_run_logger()
     # 1. Check the parameters, then every line of the file (before any model is built or loaded, and before
     #    anything is written)
-    fields, items = check_batch(
-        prompts_file, store, model, seed, chunk_size, steps=steps, guidance=guidance, height=height, width=width,
-        max_sequence_length=max_sequence_length, batch_size=batch_size, dtype=dtype,
-        placement={"max_memory": max_memory, "offload_dir": offload_dir},
-    )  # fmt: skip
-    store_dir = Path(store)
+    fields = dict(prompts=["-"], run_id="batch", seed=seed, settings=settings, placement=placement)
+    validate_request(**fields, model=model or str(default_model_dir()), check_model=False)
+    rows = check_batch(prompts_file, store, seed)
     request = validate_request(**fields, model=model or str(ensure_default_model()))
+    store_dir = Path(store)
 
-    # 2. Plan: skip the items already in the store; group the others by settings, in chunks. A second run on
-    #    the same store waits for the first, then does what is left.
+    # 2. Plan: name every item's artifacts; skip the items whose image is already in the folder. A second run
+    #    on the same folder waits for the first, then does what is left.
     with store_lock(store_dir, logger):
-        run_fields = {"model": request.model, "max_sequence_length": max_sequence_length, "dtype": dtype}
-        manifest = read_batch_manifest(store_dir) or new_manifest()
-        todo = plan(manifest, items, store_dir, run_fields)
-        chunks = make_chunks(todo, chunk_size)
-        if todo:
-            warm_up(request.model)  # the stages' imports start while the run is planned and tagged
-        run = start_run(manifest, str(Path(prompts_file).resolve()), str(flow_run.id) if flow_run.id else None, todo)
-        write_batch_manifest(store_dir, manifest)
-        logger.info("%d items: %d done already, %d to compute in %d chunks", len(items), run["skipped"], len(todo),
-                    len(chunks))  # fmt: skip
-        tag_flow_run(model_tag(model))
-        progress = create_progress_artifact(
-            0.0 if todo else 100.0, key="batch-progress", description=f"{len(todo)} items to compute in {store_dir}"
-        )
-
-        # 3. Each chunk: encode -> denoise -> decode, each stage in a fresh process that loads its model once,
-        #    computing only what the artifact store does not have yet
-        tags = stage_tags(model)
-        artifact_store = Store(check_store(None, str(store_dir)))
-        identity, dtype_ = model_identity(request.model), resolve_dtype(request.dtype)
-        true_cfg_family = family_for(request.model).true_cfg
-        if true_cfg_family and any(item.negative_prompt for item in todo):
+        artifact_store = check_store(None, str(store_dir))
+        engine = start_engine(request.model, model, request.placement, artifact_store, str(store_dir), options)
+        true_cfg = family_for(request.model).true_cfg
+        items, entries = [], []
+        for row in rows:
+            row_settings = row.settings(request.settings)
+            # FLUX.1's guidance is distilled: a negative prompt is used only with true CFG
+            negative = row.negative_prompt if not true_cfg or row_settings.true_cfg_scale > 1 else None
+            item = Item(row.position, row.prompt, negative, row.seed, resolve_settings(row_settings, request.model))
+            items.append(item)
+            entries.append(item_entry(row, {**asdict(item.settings), "dtype": engine.ctx.dtype,
+                                            "model": request.model}, engine.keys(item)))  # fmt: skip
+        if true_cfg and any(
+            row.negative_prompt and item.negative_prompt is None for row, item in zip(rows, items, strict=True)
+        ):
             logger.warning("negative_prompt is kept in batch.json but not used: FLUX.1 needs true CFG for it")
-        options = {"tags": tags, "retries": retries}
-        finished = 0
-        for n, chunk in enumerate(chunks, 1):
-            label = f"[chunk {n}/{len(chunks)}]"
-            ctx = StageContext(
-                model=request.model,
-                run_dir=str(store_dir),
-                dtype=dtype_,
-                batch_size=request.batch_size,
-                max_memory=request.placement.max_memory,
-                offload_dir=request.placement.offload_dir,
-                store=artifact_store.location,
-            )
-            steps_, guidance_, height_, width_ = chunk[0].settings
-            settings = DenoiseSettings(steps_, guidance_, height_, width_, max_sequence_length)
-            by_position = {item.position: item for item in chunk}
-            keys = dict(zip(by_position, chunk_keys(chunk, identity, settings, dtype_), strict=True))
+        manifest = read_batch_manifest(store_dir) or new_manifest()
+        todo_ids = set(plan(manifest, entries, store_dir))
+        todo = [item for row, item in zip(rows, items, strict=True) if row.id in todo_ids]
+        run = start_run(manifest, str(Path(prompts_file).resolve()), str(flow_run.id) if flow_run.id else None,
+                        sorted(todo_ids))  # fmt: skip
+        write_batch_manifest(store_dir, manifest)
+        logger.info("%d items: %d done already, %d to compute", len(rows), run["skipped"], len(todo))
 
-            use_negatives = not true_cfg_family and chunk[0].negative_prompt is not None
-            try:
-                images, stats = run_chunk(chunk, label, ctx, artifact_store, keys, settings, use_negatives, options)
-            except BaseException as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                fail_chunk(manifest, chunk, error)
-                finish_run(manifest, run, error)
-                write_batch_manifest(store_dir, manifest)
-                raise
-            for ref in images:
-                artifact_store.materialize("images", ref.key, store_dir / by_position[ref.index].image)
-            record_chunk(manifest, run, chunk, images, stats)
+        # 3. encode -> denoise -> decode for the items to do; each image lands in the folder as soon as it is made
+        by_position = {row.position: row for row in rows}
+        keys = {item.index: entry["keys"] for item, entry in zip(items, entries, strict=True)}
+        blobs = Store(artifact_store)
+
+        def on_stored(stage: str, refs: dict[int, ItemRef]) -> None:
+            if stage == "decode":
+                for index, ref in refs.items():
+                    blobs.materialize("images", ref.key, store_dir / by_position[index].image)
+                record_images(manifest, run, {by_position[i].id: ref.sha256 for i, ref in refs.items()})
+            run["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
             write_batch_manifest(store_dir, manifest)
-            finished += len(chunk)
-            update_progress_artifact(progress, 100.0 * finished / len(todo))
-            logger.info("%s done: %d/%d items", label, finished, len(todo))
 
-        # 4. Finish: the manifest, the item table and the gallery of the first images
+        progress = Progress(len(todo))
+        progress.start()
+        try:
+            engine.run(todo, keys, on_stored, progress)
+        except BaseException as exc:
+            finish_run(manifest, run, f"{type(exc).__name__}: {exc}")
+            write_batch_manifest(store_dir, manifest)
+            raise
+        progress.finish()
+
+        # 4. Finish: the manifest, the item table and the gallery of the first new images
         finish_run(manifest, run)
         write_batch_manifest(store_dir, manifest)
-        entries = [entry for entry in manifest["items"] if entry["status"] != "removed"]
-        items_table(entries, store_dir.resolve())
-        gallery(entries, store_dir.resolve(), run["run"])
-        logger.info("batch completed: %d items in %s", len(entries), store_dir / "images")
+        listed = [entry for entry in manifest["items"] if entry["status"] != "removed"]
+        folder = store_dir.resolve()
+        rows_ = [
+            {"id": e["id"], "line": e["line"], "status": e["status"], "prompt": e["prompt"], "seed": e["seed"],
+             "steps": e["steps"], "size": f"{e['width']}x{e['height']}",
+             "image": str(folder / e["image"]), "made": "computed" if e["run"] == run["run"] else "reused"}
+            for e in listed
+        ]  # fmt: skip
+        items_table(rows_, key="batch-items", what=str(store_dir / "batch.json"))
+        done = [e for e in listed if e["status"] == "done"]
+        new = [e for e in done if e["run"] == run["run"]]
+        shown = new or done
+        title = f"first {min(len(shown), 8)} of the {len(new)} new images" if new else "first images"
+        gallery([(folder / e["image"], caption(e["prompt"], e["seed"])) for e in shown], key="batch-gallery",
+                title=f"Batch gallery: {title}", where=str(folder))  # fmt: skip
+        logger.info("batch completed: %d items in %s", len(listed), store_dir / "images")
     return manifest

@@ -1,4 +1,5 @@
-"""What the flows show in the Prefect UI: run tags, and the batch's progress, table and gallery artifacts.
+"""What the flows show in the Prefect UI: the flow run's name and tags, and each run's table and gallery
+artifacts (the progress artifact is `stagediff.progress`'s).
 
 Tags: the flow run carries `model:<name>`. A tag concurrency limit on `device:<STAGEDIFF_DEVICE or
 "local">` keeps stages of different runs from sharing one device (`prefect concurrency-limit create
@@ -57,23 +58,19 @@ def stage_tags(model: str | None) -> set[str]:
     return limited
 
 
-def tag_flow_run(*tags: str) -> None:
-    """Add tags to the running flow run, so that runs can be found by model in the UI."""
+def label_flow_run(name: str | None, *tags: str) -> None:
+    """Add tags to the running flow run (and rename it, given a `name`), so runs can be found in the UI."""
     if flow_run.id is None:
         return
     with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *tags}))
+        client.update_flow_run(flow_run.id, name=name, tags=sorted({*flow_run.tags, *tags}))
 
 
-def items_table(entries: list[dict[str, Any]], store: Path) -> str:
-    """Table artifact `batch-items`: id, status, prompt, seed and image path of the first TABLE_ROWS items."""
-    rows = [
-        {"id": e["id"], "line": e["line"], "status": e["status"], "prompt": e["prompt"], "seed": e["seed"],
-         "image": str(store / e["image"])}
-        for e in entries[:TABLE_ROWS]
-    ]  # fmt: skip
-    shown = f"first {len(rows)} of {len(entries)}" if len(entries) > len(rows) else f"all {len(rows)}"
-    return str(create_table_artifact(rows, key="batch-items", description=f"Batch items ({shown}); see batch.json"))
+def items_table(rows: list[dict[str, Any]], key: str, what: str) -> str:
+    """Table artifact `key`: one row per item (the first TABLE_ROWS); `what` names the full record."""
+    shown = rows[:TABLE_ROWS]
+    count = f"first {len(shown)} of {len(rows)}" if len(rows) > len(shown) else f"all {len(shown)}"
+    return str(create_table_artifact(shown, key=key, description=f"Items ({count}); see {what}"))
 
 
 def _thumbnail(path: Path) -> str:
@@ -86,15 +83,17 @@ def _thumbnail(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def gallery(entries: list[dict[str, Any]], store: Path, run: int) -> str:
-    """Markdown artifact `batch-gallery`: thumbnails (inline, so the UI needs no file access) of the first
-    images made by run `run`, or of the store's first images if it made none."""
-    done = [e for e in entries if e["status"] == "done"]
-    new = [e for e in done if e["run"] == run]
-    shown = (new or done)[:GALLERY_IMAGES]
-    cells = [f"![{e['id']}]({_thumbnail(store / e['image'])})<br>`{e['id']}` seed {e['seed']}" for e in shown]
-    title = f"first {len(shown)} of the {len(new)} new images" if new else f"first {len(shown)} images"
-    lines = [f"# Batch gallery: {title}", "", f"Store: `{store}`", ""]
+def caption(prompt: str, seed: int, limit: int = 60) -> str:
+    text = prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ") + f"<br>seed {seed}"
+
+
+def gallery(images: list[tuple[Path, str]], key: str, title: str, where: str) -> str:
+    """Markdown artifact `key`: thumbnails (inline, so the UI needs no file access) of the first GALLERY_IMAGES
+    `(image, caption)` pairs."""
+    shown = images[:GALLERY_IMAGES]
+    cells = [f"![image]({_thumbnail(path)})<br>{text}" for path, text in shown]
+    lines = [f"# {title}", "", f"Folder: `{where}`", ""]
     if cells:
         columns = min(4, len(cells))
         rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]
@@ -102,4 +101,4 @@ def gallery(entries: list[dict[str, Any]], store: Path, run: int) -> str:
         lines += ["| " + " | ".join(row + [" "] * (columns - len(row))) + " |" for row in rows]
     else:
         lines.append("No images yet.")
-    return str(create_markdown_artifact("\n".join(lines), key="batch-gallery", description="First images"))
+    return str(create_markdown_artifact("\n".join(lines), key=key, description=title))

@@ -24,20 +24,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 import stagediff
-from artifacts import ArtifactError, atomic_write_bytes, verify_file
-from stagediff.default_model import default_model_dir
-from stagediff.keys import ModelIdentity, embeddings_key, image_key, latents_key
-from stagediff.request import MAX_SEED, RequestError, validate_request
-from stagediff.spec import DenoiseSettings
+from stagediff.artifacts import ArtifactError, atomic_write_bytes, verify_file
+from stagediff.request import MAX_SEED, ImageSettings, RequestError, one_line, validate_request
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance", "height", "width")
-SETTINGS = ("steps", "guidance", "height", "width")  # items of one chunk share these
+SETTINGS = ("steps", "guidance", "height", "width")  # ImageSettings fields a row may set for itself
 FORMATS = (".txt", ".jsonl", ".csv")
 MANIFEST_NAME = "batch.json"
-# What determines an item's image besides the item's own fields (from the flow's parameters).
-RUN_FIELDS = ("model", "max_sequence_length", "dtype")
-IMAGE_FIELDS = ("prompt", "negative_prompt", "seed", *SETTINGS, *RUN_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -50,14 +46,15 @@ class BatchItem:
     prompt: str
     negative_prompt: str | None  # used by the CFG families (SD3, SDXL, SD 1.5); FLUX.1 needs true CFG, not here
     seed: int
-    steps: int
-    guidance: float
-    height: int
-    width: int
+    steps: int | None  # None: the run's setting, else the model's default (resolved by the flow)
+    guidance: float | None
+    height: int | None
+    width: int | None
 
-    @property
-    def settings(self) -> tuple[int, float, int, int]:
-        return (self.steps, self.guidance, self.height, self.width)
+    def settings(self, defaults: ImageSettings) -> ImageSettings:
+        """The run's settings with this row's own on top."""
+        own = {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
+        return defaults.model_copy(update=own)
 
     @property
     def image(self) -> str:
@@ -166,12 +163,17 @@ def _check_text(column: str, value: Any, required: bool) -> str | None:
 
 
 def _check_setting(column: str, value: Any) -> Any:
-    """One item setting, checked by the same rules as a `generate` request; returns the parsed value."""
-    field = "run_id" if column == "id" else column  # an item id is a plain name, like a run id
-    if isinstance(value, bool) and field != "run_id":
+    """One item setting, checked by the same rules (the same models) as a `generate` request; the parsed value."""
+    if column == "id":  # an item id is a plain name, like a run id
+        return validate_request(check_model=False, prompts=["-"], model="-", run_id=value).run_id
+    if isinstance(value, bool):
         raise RequestError(column, value, "must be a number, not true/false")
-    fields = {"prompts": ["-"], "model": "-", "run_id": "item", field: value}
-    return getattr(validate_request(check_model=False, **fields), field)
+    if column == "seed":
+        return validate_request(check_model=False, prompts=["-"], model="-", run_id="item", seed=value).seed
+    try:
+        return getattr(ImageSettings.model_validate({column: value}), column)
+    except ValidationError as exc:
+        raise one_line(exc) from None
 
 
 def auto_id(position: int, given: dict[str, Any]) -> str:
@@ -179,10 +181,8 @@ def auto_id(position: int, given: dict[str, Any]) -> str:
     return f"{position:05d}-{hashlib.sha256(content.encode()).hexdigest()[:8]}"
 
 
-def check_rows(
-    rows: list[tuple[int, dict[str, Any]]], seed: int, defaults: dict[str, Any]
-) -> tuple[list[BatchItem], list[LineProblem]]:
-    """Items from rows; an item's missing settings come from `defaults`, its missing seed is `seed + position`."""
+def check_rows(rows: list[tuple[int, dict[str, Any]]], seed: int) -> tuple[list[BatchItem], list[LineProblem]]:
+    """Items from rows; an item's missing seed is `seed + position`, its missing settings are None (the run's)."""
     items, problems, first_line_of_id = [], [], {}
     for position, (line, fields) in enumerate(rows):
         given: dict[str, Any] = {}
@@ -207,17 +207,17 @@ def check_rows(
         problems.extend(bad)
         if bad:
             continue
-        settings = {name: given.get(name, defaults[name]) for name in SETTINGS}
+        settings = {name: given.get(name) for name in SETTINGS}
         item_seed = given.get("seed", seed + position)
         items.append(BatchItem(item_id, line, position, given["prompt"], given.get("negative_prompt"), item_seed,
                                **settings))  # fmt: skip
     return items, problems
 
 
-def read_batch_file(path: str | Path, seed: int, defaults: dict[str, Any]) -> list[BatchItem]:
+def read_batch_file(path: str | Path, seed: int) -> list[BatchItem]:
     """Every item of a prompts file, or BatchFileError listing every bad cell (RequestError if unreadable)."""
     rows, problems = read_rows(path)
-    items, more = check_rows(rows, seed, defaults)
+    items, more = check_rows(rows, seed)
     problems = sorted(problems + more, key=lambda p: p.line)
     if problems:
         raise BatchFileError(path, problems)
@@ -226,28 +226,13 @@ def read_batch_file(path: str | Path, seed: int, defaults: dict[str, Any]) -> li
     return items
 
 
-def check_batch(
-    prompts_file: str,
-    store: str,
-    model: str | None,
-    seed: int,
-    chunk_size: int,
-    check_model: bool = False,
-    **settings: Any,
-) -> tuple[dict[str, Any], list[BatchItem]]:
-    """The parameters, then every line of the file, before anything loads or is written (the flow's and the CLI's
-    check): the request fields and the items, or RequestError / BatchFileError naming what is wrong.
-
-    `settings`: steps, guidance, height, width, max_sequence_length, batch_size, dtype, placement.
-    `check_model`: also check that `model` is a pipeline folder or Hub id stagediff can load.
-    """
-    fields = dict(**settings, seed=seed, prompts=["-"], run_id="batch")
-    validate_request(**fields, model=model or str(default_model_dir()), check_model=check_model and model is not None)
-    if chunk_size < 1:
-        raise RequestError("chunk_size", chunk_size, "must be an integer >= 1")
+def check_batch(prompts_file: str, store: str, seed: int) -> list[BatchItem]:
+    """The flow's and the CLI's check of what only `batch` takes, before anything loads or is written: the
+    store folder, the seed, then every line of the file; RequestError / BatchFileError naming what is wrong."""
+    validate_request(check_model=False, prompts=["-"], model="-", run_id="batch", seed=seed)
     if Path(store).exists() and not Path(store).is_dir():
         raise RequestError("store", store, "must be a folder (or not exist yet)")
-    return fields, read_batch_file(prompts_file, seed, {name: fields[name] for name in SETTINGS})
+    return read_batch_file(prompts_file, seed)
 
 
 # 3. The store: which items are done, what to compute in which chunk, and the manifest
@@ -282,17 +267,19 @@ def store_lock(store: Path, logger: logging.Logger | logging.LoggerAdapter) -> I
         yield  # the lock goes with the file when it is closed
 
 
-def item_entry(item: BatchItem, run_fields: dict[str, Any]) -> dict[str, Any]:
-    """An item as the manifest lists it; `status` is pending until its image is recorded."""
-    return {**asdict(item), **run_fields, "image": item.image, "sha256": None, "status": "pending", "run": None}
+def item_entry(item: BatchItem, resolved: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """An item as the manifest lists it: the row, the settings it was made with, its store keys;
+    `status` is pending until its image is recorded."""
+    return {**asdict(item), **resolved, "keys": keys, "image": item.image, "sha256": None, "status": "pending",
+            "run": None}  # fmt: skip
 
 
-def is_done(entry: dict[str, Any] | None, wanted: dict[str, Any], store: Path) -> bool:
-    """Whether an item's image is in the store, made from the same fields, with its recorded sha256."""
+def is_done(entry: dict[str, Any] | None, keys: dict[str, str], store: Path) -> bool:
+    """Whether an item's image is in the batch folder, made under the same image key, with its recorded sha256."""
     if (
         entry is None
-        or entry["status"] not in ("done", "removed")
-        or any(entry.get(k) != wanted[k] for k in IMAGE_FIELDS)
+        or entry.get("status") not in ("done", "removed")
+        or (entry.get("keys") or {}).get("images") != keys["images"]
     ):
         return False
     try:
@@ -302,36 +289,27 @@ def is_done(entry: dict[str, Any] | None, wanted: dict[str, Any], store: Path) -
     return True
 
 
-def plan(manifest: dict[str, Any], items: list[BatchItem], store: Path, run_fields: dict[str, Any]) -> list[BatchItem]:
-    """Rewrite the manifest's items for this file; return the items to compute (those not already done).
+def plan(manifest: dict[str, Any], entries: list[dict[str, Any]], store: Path) -> list[str]:
+    """Rewrite the manifest's items for this file (`entries` from `item_entry`); return the ids to compute.
 
     Items no longer in the file stay listed with status "removed" (their images are kept, and used
     again if the line comes back).
     """
     previous = {entry["id"]: entry for entry in manifest["items"]}
-    entries, todo = [], []
-    for item in items:
-        wanted = item_entry(item, run_fields)
-        old = previous.pop(item.id, None)
-        if is_done(old, wanted, store):
-            entries.append({**wanted, "sha256": old["sha256"], "status": "done", "run": old["run"]})
+    listed, todo = [], []
+    for wanted in entries:
+        old = previous.pop(wanted["id"], None)
+        if is_done(old, wanted["keys"], store):
+            listed.append({**wanted, "sha256": old["sha256"], "status": "done", "run": old["run"]})
         else:
-            entries.append(wanted)
-            todo.append(item)
-    entries += [{**entry, "status": "removed"} for entry in previous.values()]
-    manifest["items"] = entries
+            listed.append(wanted)
+            todo.append(wanted["id"])
+    listed += [{**entry, "status": "removed"} for entry in previous.values()]
+    manifest["items"] = listed
     return todo
 
 
-def make_chunks(items: list[BatchItem], chunk_size: int) -> list[list[BatchItem]]:
-    """Items grouped by their settings (first seen first), each group cut into chunks of `chunk_size`."""
-    groups: dict[tuple, list[BatchItem]] = {}
-    for item in items:  # a chunk's items share settings, and all or none have a negative prompt
-        groups.setdefault((item.settings, item.negative_prompt is not None), []).append(item)
-    return [group[i : i + chunk_size] for group in groups.values() for i in range(0, len(group), chunk_size)]
-
-
-def start_run(manifest: dict[str, Any], prompts_file: str, flow_run_id: str | None, todo: list[BatchItem]) -> dict:
+def start_run(manifest: dict[str, Any], prompts_file: str, flow_run_id: str | None, todo: list[str]) -> dict:
     """Append this run to the manifest's `runs` and return it."""
     run = {
         "run": len(manifest["runs"]) + 1,
@@ -341,43 +319,26 @@ def start_run(manifest: dict[str, Any], prompts_file: str, flow_run_id: str | No
         "status": "running",
         "computed": len(todo),
         "skipped": sum(entry["status"] == "done" for entry in manifest["items"]),
-        "chunks": [],
+        "stages": {},
     }
     manifest["runs"].append(run)
     manifest.update(prompts_file=prompts_file, status="running")
     return run
 
 
-def entries_of(manifest: dict[str, Any], chunk: list[BatchItem]) -> list[dict[str, Any]]:
-    by_id = {entry["id"]: entry for entry in manifest["items"]}
-    return [by_id[item.id] for item in chunk]
-
-
-def record_chunk(manifest: dict[str, Any], run: dict, chunk: list[BatchItem], images: list, stages: dict) -> None:
-    """Mark a chunk's items done with their images' sha256 (`images` are the decode stage's ItemRefs)."""
-    sha256 = {ref.index: ref.sha256 for ref in images}
-    for item, entry in zip(chunk, entries_of(manifest, chunk), strict=True):
-        entry.update(sha256=sha256[item.position], status="done", run=run["run"])
-    run["chunks"].append({"items": [item.id for item in chunk], "stages": stages})
-
-
-def fail_chunk(manifest: dict[str, Any], chunk: list[BatchItem], error: str) -> None:
-    for entry in entries_of(manifest, chunk):
-        entry.update(status="failed", error=error)
+def record_images(manifest: dict[str, Any], run: dict, images: dict[str, str]) -> None:
+    """Mark items done: `images` maps item id -> the sha256 of its image in the batch folder."""
+    for entry in manifest["items"]:
+        if entry["id"] in images:
+            entry.update(sha256=images[entry["id"]], status="done", run=run["run"])
 
 
 def finish_run(manifest: dict[str, Any], run: dict, error: str | None = None) -> None:
+    """Close the run; with `error`, its items not done are marked failed."""
     run.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), status="failed" if error else "completed")
     if error:
         run["error"] = error
+        for entry in manifest["items"]:
+            if entry["status"] == "pending":
+                entry.update(status="failed", error=error)
     manifest["status"] = run["status"]
-
-
-def chunk_keys(chunk: list[BatchItem], identity: ModelIdentity, settings: DenoiseSettings, dtype: str) -> list[dict]:
-    """Per item of a chunk: its embeddings, latents and image keys in the artifact store."""
-    keys = []
-    for item in chunk:
-        e = embeddings_key(identity, item.prompt, item.negative_prompt, settings.max_sequence_length, dtype)
-        latents = latents_key(e, identity, settings, item.seed, dtype)
-        keys.append({"embeddings": e, "latents": latents, "images": image_key(latents, identity, False, False, dtype)})
-    return keys

@@ -13,10 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from artifacts import ArtifactError, Store, read_manifest
+from stagediff.artifacts import ArtifactError, Store, read_manifest
 from stagediff.default_model import default_model_dir
-from stagediff.request import GenerateRequest, RequestError, validate_request
-from stagediff.runs import check_store, new_run_id, open_manifest
+from stagediff.request import GenerateRequest, RequestError, RunOptions, check_store, new_run_id, validate_request
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -75,24 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="diffusers pipeline folder or Hub id: FLUX.1, SD3, SDXL or SD 1.5 (default: the embedded tiny Flux model)",
     )
-    gen.add_argument("--steps", type=int, default=28)
-    gen.add_argument("--guidance", type=float, default=3.5, help="CFG scale (FLUX.1-dev: its distilled guidance)")
-    gen.add_argument("--true-cfg-scale", type=float, default=1.0, help="FLUX.1: > 1 runs true CFG with negatives")
-    gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--seed", type=int, default=0, help="prompt i is seeded with SEED + i")
-    gen.add_argument("--max-sequence-length", type=int, default=512)
-    gen.add_argument("--batch-size", type=int, default=1)
-    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    add_settings(gen)
+    gen.add_argument("--true-cfg-scale", type=float, default=1.0, help="FLUX.1: > 1 runs true CFG with negatives")
     gen.add_argument("--original-size", metavar="H,W", help="SDXL micro-conditioning (default: the image size)")
     gen.add_argument("--crop-top-left", metavar="TOP,LEFT", help="SDXL micro-conditioning (default: 0,0)")
     gen.add_argument("--target-size", metavar="H,W", help="SDXL micro-conditioning (default: the image size)")
-    gen.add_argument("--tiled-decode", action="store_true", help="decode in VAE tiles (large images)")
-    gen.add_argument("--sliced-decode", action="store_true", help="decode one image of a batch at a time")
-    gen.add_argument("--max-memory", help='memory per device, e.g. "0=16GiB,1=16GiB,cpu=64GiB"')
-    gen.add_argument("--offload-dir", help="folder for weights offloaded to disk")
+    add_placement(gen)
     gen.add_argument("--out", default="outputs", help="output root (default: outputs)")
     gen.add_argument("--run-id", help="plain name of the run folder (default: a new timestamped name)")
+    gen.add_argument("--store", help="artifact store shared by runs: a folder or fsspec URL (default: OUT/.store)")
     add_run_options(gen)
 
     batch = commands.add_parser("batch", help="an image for every item of a prompts file the store lacks")
@@ -100,20 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--store", default="outputs/batch", help="the batch's folder, kept from run to run")
     batch.add_argument("--model", help="diffusers pipeline folder or Hub id (default: the embedded tiny Flux model)")
     batch.add_argument("--seed", type=int, default=0, help="an item without its own seed gets SEED + its position")
-    batch.add_argument("--steps", type=int, default=28, help="of items without their own (likewise below)")
-    batch.add_argument("--guidance", type=float, default=3.5)
-    batch.add_argument("--height", type=int, default=1024)
-    batch.add_argument("--width", type=int, default=1024)
-    batch.add_argument("--max-sequence-length", type=int, default=512)
-    batch.add_argument("--chunk-size", type=int, default=8, help="items per chunk: each model loads once a chunk")
-    batch.add_argument("--batch-size", type=int, default=1)
-    batch.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    batch.add_argument("--max-memory", help='memory per device, e.g. "0=16GiB,1=16GiB,cpu=64GiB"')
-    batch.add_argument("--offload-dir", help="folder for weights offloaded to disk")
-    batch.add_argument("--retries", type=int, default=0, help="retries of a failed stage")
+    add_settings(batch, " (of items without their own)")
+    add_placement(batch)
+    add_run_options(batch)
 
     resume = commands.add_parser("resume", help="finish a run: compute only what its store lacks")
     resume.add_argument("run", metavar="OUT/RUN", help="the run folder (its manifest.json holds the request)")
+    resume.add_argument("--store", help="artifact store (default: the one the run used)")
     add_run_options(resume)
 
     clean = commands.add_parser("gc", help="remove the artifacts of a store that no kept run references")
@@ -128,30 +112,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODEL_DEFAULT = "default: the model's pipeline default"
+
+
+def add_settings(parser: argparse.ArgumentParser, whose: str = "") -> None:
+    """ImageSettings' fields; an option left out takes the model family's pipeline default."""
+    parser.add_argument("--steps", type=int, help=f"denoising steps{whose} ({MODEL_DEFAULT})")
+    parser.add_argument("--guidance", type=float, help=f"guidance scale, FLUX.1: distilled{whose} ({MODEL_DEFAULT})")
+    parser.add_argument("--height", type=int, help=f"pixels, a multiple of 16{whose} ({MODEL_DEFAULT})")
+    parser.add_argument("--width", type=int, help=f"pixels, a multiple of 16{whose} ({MODEL_DEFAULT})")
+    parser.add_argument("--max-sequence-length", type=int, help=f"T5 tokens, 1 to 512 ({MODEL_DEFAULT})")
+
+
+def add_placement(parser: argparse.ArgumentParser) -> None:
+    """Placement's fields."""
+    parser.add_argument("--batch-size", type=int, default=1, help="items per forward pass in every stage")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--max-memory", help='memory per device, e.g. "0=16GiB,1=16GiB,cpu=64GiB"')
+    parser.add_argument("--offload-dir", help="folder for weights offloaded to disk")
+    parser.add_argument("--tiled-decode", action="store_true", help="decode in VAE tiles (large images)")
+    parser.add_argument("--sliced-decode", action="store_true", help="decode one image of a batch at a time")
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", help="artifact store shared by runs: a folder or fsspec URL (default: OUT/.store)")
+    """RunOptions' fields."""
     parser.add_argument("--strict", action="store_true", help="stop at a damaged artifact instead of recomputing it")
-    parser.add_argument("--retries", type=int, default=0, help="retries of a failed stage")
+    parser.add_argument("--retries", type=int, default=0, help="retries of a failed stage (0 to 10)")
+    parser.add_argument("--chunk-size", type=int, help="items per chunk; each stage loads its model once a chunk "
+                        "(default: 64, then sized so that loading costs at most 3%% of a chunk)")  # fmt: skip
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    fields = {name: getattr(args, name) for name in ("steps", "guidance", "height", "width", "max_sequence_length")}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def placement_of(args: argparse.Namespace) -> dict:
+    names = ("batch_size", "dtype", "max_memory", "offload_dir", "tiled_decode", "sliced_decode")
+    return {name: getattr(args, name) for name in names}
+
+
+def run_options_of(args: argparse.Namespace) -> RunOptions:
+    from pydantic import ValidationError
+
+    from stagediff.request import one_line
+
+    try:
+        return RunOptions(strict=args.strict, retries=args.retries, chunk_size=args.chunk_size)
+    except ValidationError as exc:
+        raise one_line(exc) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompts if args.prompts is not None else read_prompts_file(args.prompts_file)
-    micro = dict(
+    settings = settings_of(args) | dict(
+        true_cfg_scale=args.true_cfg_scale,
         original_size=parse_pair("original_size", args.original_size),
         crops_coords_top_left=parse_pair("crop_top_left", args.crop_top_left) or (0, 0),
         target_size=parse_pair("target_size", args.target_size),
     )
     fields = dict(
-        prompts=prompts, negative_prompts=expand_negative_prompts(args.negative_prompts, prompts), steps=args.steps,
-        guidance=args.guidance, true_cfg_scale=args.true_cfg_scale, height=args.height, width=args.width,
-        seed=args.seed, max_sequence_length=args.max_sequence_length, batch_size=args.batch_size, dtype=args.dtype,
-        tiled_decode=args.tiled_decode, sliced_decode=args.sliced_decode, **micro,
-        placement={"max_memory": args.max_memory, "offload_dir": args.offload_dir}, out=args.out,
-        run_id=args.run_id or new_run_id(),
+        prompts=prompts, negative_prompts=expand_negative_prompts(args.negative_prompts, prompts), seed=args.seed,
+        settings=settings, placement=placement_of(args), out=args.out, run_id=args.run_id or new_run_id(),
     )  # fmt: skip
     model = args.model or str(default_model_dir())
     request = validate_request(**fields, model=model, check_model=args.model is not None)
-    return run_flow(request, args.model, args.store, args.strict, args.retries)
+    return run_flow(request, args.model, args.store, run_options_of(args))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -167,11 +193,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     model_arg = None if model == str(default_model_dir()) else model  # the default model is rebuilt if need be
     fields.update(out=str(run_dir.parent), run_id=run_dir.name)
     request = validate_request(**fields, model=model, check_model=model_arg is not None)
-    return run_flow(request, model_arg, args.store or manifest.get("store"), args.strict, args.retries)
+    return run_flow(request, model_arg, args.store or manifest.get("store"), run_options_of(args))
 
 
-def run_flow(request: GenerateRequest, model: str | None, store: str | None, strict: bool, retries: int) -> int:
+def run_flow(request: GenerateRequest, model: str | None, store: str | None, options: RunOptions) -> int:
     """Run the generate flow for a checked request and print where its images are and what each stage did."""
+    from stagediff.run_manifest import open_manifest
+
     check_store(store, request.out)
     open_manifest(request)  # refuses a run id that holds a different run, before any work
 
@@ -180,18 +208,13 @@ def run_flow(request: GenerateRequest, model: str | None, store: str | None, str
 
     warm_up(request.model)  # the stage forkserver imports torch while Prefect starts
     choose_api()
-    from flows.generate import generate
+    from stagediff.flows.generate import generate
+    from stagediff.request import Output, Prompts
 
-    manifest = generate(
-        prompts=request.prompts, model=model, negative_prompts=request.negative_prompts, steps=request.steps,
-        guidance=request.guidance, true_cfg_scale=request.true_cfg_scale, height=request.height, width=request.width,
-        seed=request.seed, max_sequence_length=request.max_sequence_length, batch_size=request.batch_size,
-        dtype=request.dtype, original_size=request.original_size,
-        crops_coords_top_left=request.crops_coords_top_left, target_size=request.target_size,
-        tiled_decode=request.tiled_decode, sliced_decode=request.sliced_decode,
-        max_memory=request.placement.max_memory, offload_dir=request.placement.offload_dir, out=request.out,
-        run_id=request.run_id, retries=retries, store=store, strict=strict,
-    )  # fmt: skip
+    prompts = Prompts(prompts=request.prompts, negative_prompts=request.negative_prompts, seed=request.seed)
+    output = Output(out=request.out, run_id=request.run_id, store=store)
+    with progress_bars():
+        manifest = generate(prompts, request.settings, model, request.placement, output, options)
     run_dir = request.run_dir
     print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
     print(f"store: {manifest['store']}")
@@ -200,8 +223,8 @@ def run_flow(request: GenerateRequest, model: str | None, store: str | None, str
             print(f"  {stage:8s} no process: all {len(info['reused'])} items in the store")
             continue
         done = f"computed {len(info['computed'])}, reused {len(info['reused'])}"
-        seconds, rss = info["seconds"], info["peak_rss_mb"]
-        print(f"  {stage:8s} pid {info['pid']}  {seconds:7.2f} s  peak RSS {rss:7.0f} MB  {done}")
+        seconds, rss, loads = info["seconds"], info["peak_rss_mb"], info["loads"]
+        print(f"  {stage:8s} pid {info['pid']}  {seconds:7.2f} s  peak RSS {rss:7.0f} MB  {done}  loads {loads}")
         print(f"           device map: {info.get('device_map')}")
         for warning in info.get("warnings", []):
             print(f"           warning: {warning}")
@@ -212,28 +235,25 @@ def cmd_batch(args: argparse.Namespace) -> int:
     """The batch flow over a prompts file; every line is checked here, before Prefect or torch is imported."""
     from stagediff.batch import BatchFileError, check_batch
 
-    settings = dict(
-        steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-        max_sequence_length=args.max_sequence_length, batch_size=args.batch_size, dtype=args.dtype,
-    )  # fmt: skip
-    placement = {"max_memory": args.max_memory, "offload_dir": args.offload_dir}
+    fields = dict(prompts=["-"], run_id="batch", seed=args.seed, settings=settings_of(args),
+                  placement=placement_of(args))  # fmt: skip
+    request = validate_request(
+        **fields, model=args.model or str(default_model_dir()), check_model=args.model is not None
+    )
+    options = run_options_of(args)
     try:
-        _, items = check_batch(
-            args.prompts_file, args.store, args.model, args.seed, args.chunk_size,
-            check_model=True, placement=placement, **settings,
-        )  # fmt: skip
+        items = check_batch(args.prompts_file, args.store, args.seed)
     except BatchFileError as exc:
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from stagediff.prefect_api import choose_api
 
-    choose_api()  # the flow starts the stage forkserver itself, once it knows there is something to compute
-    from flows.batch import batch
+    choose_api()  # the flow starts the stage forkserver itself
+    from stagediff.flows.batch import batch
 
-    manifest = batch(
-        prompts_file=args.prompts_file, store=args.store, model=args.model, seed=args.seed, chunk_size=args.chunk_size,
-        retries=args.retries, **placement, **settings,
-    )  # fmt: skip
+    with progress_bars():
+        manifest = batch(args.prompts_file, args.store, request.settings, args.model, args.seed, request.placement,
+                         options)  # fmt: skip
     run = manifest["runs"][-1]
     done = sum(entry["status"] == "done" for entry in manifest["items"])
     print(f"\n{len(items)} items in {args.prompts_file}: {run['computed']} computed, {run['skipped']} done before")
@@ -241,8 +261,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_bars():
+    """Live progress of the run in this process: a bar per stage on a terminal, plain lines otherwise."""
+    from stagediff.progress_view import progress_view
+
+    return progress_view(sys.stderr)
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    from stagediff.gc import collect_garbage, parse_age
+    from stagediff.collect import collect_garbage, parse_age
 
     older_than = parse_age(args.older_than)
     location = check_store(args.store, ".")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from stagediff.spec import DenoiseSettings
+    from stagediff.jobs import DenoiseSettings
 
 log = logging.getLogger("stagediff.stages")
 
@@ -35,6 +35,18 @@ class Family:
     true_cfg: ClassVar[bool] = False  # takes `true_cfg_scale` with negative prompts (FLUX.1-dev)
     micro_conditioning: ClassVar[bool] = False  # takes original size, crop and target size (SDXL)
     upcast_vae: ClassVar[bool] = False  # decodes a float16 VAE with `force_upcast` in float32 (SDXL)
+    # The pipeline's own defaults for what a user leaves out (its `__call__` signature; tests compare them).
+    default_steps: ClassVar[int] = 50
+    default_guidance: ClassVar[float]
+    default_max_sequence_length: ClassVar[int] = 77  # CLIP-only families: the tokenizers' fixed length
+
+    @classmethod
+    def default_size(cls, model: str | Path) -> tuple[int, int]:
+        """(height, width) when none is given: the denoiser's `sample_size` (in latents) x the VAE's scale."""
+        config = json.loads((Path(model) / cls.denoiser / "config.json").read_text())
+        size = config.get("sample_size") or 128
+        height, width = (size, size) if isinstance(size, int) else size
+        return height * vae_scale_factor(model), width * vae_scale_factor(model)
 
     @classmethod
     def required_components(cls) -> tuple[str, ...]:
@@ -71,6 +83,14 @@ class Flux(Family):
     denoiser = "transformer"
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     true_cfg = True
+    default_steps = 28
+    default_guidance = 3.5
+    default_max_sequence_length = 512
+
+    @classmethod
+    def default_size(cls, model: str | Path) -> tuple[int, int]:
+        size = 128 * vae_scale_factor(model)  # FluxPipeline.default_sample_size is fixed
+        return size, size
 
     @staticmethod
     def encode(
@@ -112,6 +132,9 @@ class SD3(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser = "transformer"
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    default_steps = 28
+    default_guidance = 7.0
+    default_max_sequence_length = 256
 
     @staticmethod
     def encode(
@@ -151,6 +174,7 @@ class SDXL(Family):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     micro_conditioning = True
     upcast_vae = True
+    default_guidance = 5.0
 
     @staticmethod
     def encode(
@@ -203,6 +227,7 @@ class SD15(Family):
     denoiser = "unet"
     text_components = ("text_encoder", "tokenizer")
     decode_components = ("vae", "safety_checker", "feature_extractor")
+    default_guidance = 7.5
 
     @staticmethod
     def encode(

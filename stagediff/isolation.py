@@ -5,8 +5,9 @@ and has never touched an accelerator, so a stage starts in a fraction of a secon
 a full import, and all of its memory (host and device) goes back to the OS when it exits.
 `STAGEDIFF_START_METHOD=spawn` starts each stage from a fresh interpreter instead.
 
-The child sends its log records and, at the end, its result (or its error) through a pipe; the
-parent re-emits the records on its own logger, so a stage's logs show in the Prefect task run. A
+The child sends its log records, its progress events (`report`: an item is done) and, at the end,
+its result (or its error) through a pipe; the parent re-emits the records on its own logger, so a
+stage's logs show in the Prefect task run, and hands each event to its `on_event` callback. A
 second pipe watches the parent: if the parent dies (kill -9, cancel), the child exits too.
 """
 
@@ -90,6 +91,17 @@ def warm_up(model: str | None = None) -> None:
             os.environ["STAGEDIFF_PRELOAD_MODEL"] = before
 
 
+_events: tuple[multiprocessing.connection.Connection, threading.Lock] | None = None  # set in a stage process
+
+
+def report(event: str, value: Any) -> None:
+    """Tell the parent of this stage process that something happened (e.g. "item", 3); a no-op elsewhere."""
+    if _events is not None:
+        conn, lock = _events
+        with lock:
+            conn.send(("event", event, value))
+
+
 class _PipeHandler(logging.Handler):
     def __init__(self, conn: multiprocessing.connection.Connection, lock: threading.Lock) -> None:
         super().__init__()
@@ -148,15 +160,27 @@ def _resolve(target: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
+def _caller_settings() -> dict[str, str]:
+    """The caller's `STAGEDIFF_*` variables: a stage forked from the forkserver would otherwise see the
+    environment the forkserver was started with, not the caller's of now."""
+    return {k: v for k, v in os.environ.items() if k.startswith("STAGEDIFF_")}
+
+
 def _child_main(
     target: str,
     args: tuple,
     conn: multiprocessing.connection.Connection,
     parent_alive: multiprocessing.connection.Connection,
+    settings: dict[str, str],
 ) -> None:
     threading.Thread(target=_watch_parent, args=(parent_alive,), daemon=True).start()
+    for name in [k for k in os.environ if k.startswith("STAGEDIFF_") and k not in settings]:
+        del os.environ[name]
+    os.environ.update(settings)
     _set_process_title(f"stagediff-{target.rpartition(':')[2]}")
+    global _events
     lock = threading.Lock()
+    _events = (conn, lock)
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(conn, lock)]
     root.setLevel(logging.INFO)
@@ -198,18 +222,25 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 def run_isolated(
-    target: str, *args: Any, name: str, logger: logging.Logger | logging.LoggerAdapter | None = None
+    target: str,
+    *args: Any,
+    name: str,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    on_event: Callable[[str, Any], None] | None = None,
 ) -> tuple[Any, ProcessStats]:
     """Run `target(*args)` in a fresh process; return its result and the process' stats.
 
     `target` is "module:function", imported in the child only (the caller never imports torch), and
-    `args` are picklable. Raises StageError if the stage raises or its process dies.
+    `args` are picklable. `on_event(event, value)` gets what the child `report`s, as it happens.
+    Raises StageError if the stage raises or its process dies.
     """
     logger = logger or log
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
     alive_recv, alive_send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child_main, args=(target, args, send, alive_recv), name=f"stagediff-{name}")
+    process = ctx.Process(
+        target=_child_main, args=(target, args, send, alive_recv, _caller_settings()), name=f"stagediff-{name}"
+    )
     t0 = time.time()
     with _main_module_hidden():
         process.start()
@@ -225,6 +256,9 @@ def run_isolated(
             if message[0] == "log":
                 _, level, _, text = message
                 logger.log(level, "[%s] %s", name, text)
+            elif message[0] == "event":
+                if on_event is not None:
+                    on_event(message[1], message[2])
             elif message[0] == "stats":
                 _, started, peak_rss_mb, cuda_mb = message
             else:

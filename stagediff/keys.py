@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from artifacts import atomic_write_bytes, sha256_file
+from stagediff.artifacts import atomic_write_bytes, sha256_file
 from stagediff.default_model import cache_dir
 from stagediff.family import family_for, model_index, vae_scale_factor
 
 if TYPE_CHECKING:
-    from stagediff.request import GenerateRequest
-    from stagediff.spec import DenoiseSettings
+    from stagediff.jobs import DenoiseSettings
 
 KEY_VERSION = 1  # bump when a stage's math changes so that old artifacts are no longer reused
 FINGERPRINTED = (".json", ".txt", ".model", ".safetensors")  # what from_pretrained reads (no pickles)
@@ -146,18 +145,21 @@ def image_key(latents: str, model: ModelIdentity, tiled: bool, sliced: bool, dty
 
 
 def item_keys(
-    request: GenerateRequest, settings: DenoiseSettings, dtype: str, model: ModelIdentity | None = None
-) -> list[dict[str, str]]:
-    """Per prompt: its `embeddings`, `latents` and `image` keys (`dtype` resolved, never "auto")."""
-    model = model or model_identity(request.model)
-    negatives = request.negative_prompts or [None] * len(request.prompts)
-    keys = []
-    for i, (prompt, negative) in enumerate(zip(request.prompts, negatives, strict=True)):
-        e = embeddings_key(model, prompt, negative, request.max_sequence_length, dtype)
-        lat = latents_key(e, model, settings, request.seed_of(i), dtype)
-        image = image_key(lat, model, request.tiled_decode, request.sliced_decode, dtype)
-        keys.append({"embeddings": e, "latents": lat, "image": image})
-    return keys
+    model: ModelIdentity,
+    prompt: str,
+    negative_prompt: str | None,
+    seed: int,
+    settings: DenoiseSettings,
+    dtype: str,
+    tiled: bool = False,
+    sliced: bool = False,
+) -> dict[str, str]:
+    """One item's store keys, by artifact kind: `embeddings`, `latents`, `images` (`dtype` resolved, never "auto").
+
+    The one key function: every flow names its artifacts through it."""
+    embeddings = embeddings_key(model, prompt, negative_prompt, settings.max_sequence_length, dtype)
+    latents = latents_key(embeddings, model, settings, seed, dtype)
+    return {"embeddings": embeddings, "latents": latents, "images": image_key(latents, model, tiled, sliced, dtype)}
 
 
 @functools.cache
@@ -167,4 +169,4 @@ def resolve_dtype(dtype: str) -> str:
         return dtype
     from stagediff.isolation import run_isolated
 
-    return run_isolated("stagediff.stages.common:dtype_name", dtype, name="probe")[0]
+    return run_isolated("stagediff.stages.devices:dtype_name", dtype, name="probe")[0]

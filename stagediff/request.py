@@ -1,24 +1,32 @@
-"""What a user asks for, validated in one place before any model is loaded or any file is written."""
+"""What a user asks for, as typed models validated in one place before any model loads or file is written.
+
+The same models are the flows' parameters (so the Prefect form groups them and the server rejects bad
+values before a run is created), the CLI's request and each prompts-file row's settings. A setting left
+empty takes the model family's pipeline default (`Family.defaults`), resolved once per run.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StrictStr,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 
-from stagediff.family import FAMILIES, Family
+from stagediff.family import FAMILIES, Family, family_for
+from stagediff.jobs import DenoiseSettings
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 SUPPORTED_PIPELINES = tuple(FAMILIES)
@@ -35,10 +43,33 @@ WEIGHTED_COMPONENTS = (
     "safety_checker",
 )
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_RUN_ID = re.compile(RUN_ID_PATTERN)
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
 _DEVICE = re.compile(r"^(\d+|cpu|mps|cuda:\d+|xpu:\d+)$")
 MAX_SEED = 2**63 - 1
+MAX_PIXELS = 16384
+MODEL_DEFAULT = "empty: the model's pipeline default"
+
+# The one-line message for each checked field: what is allowed (the Field limits below say the same to the form).
+ALLOWED = {
+    "steps": "must be an integer from 1 to 1000",
+    "guidance": "must be a finite number >= 0",
+    "true_cfg_scale": "must be a finite number >= 1 (1: off)",
+    "height": f"must be a positive multiple of 16 (at most {MAX_PIXELS})",
+    "width": f"must be a positive multiple of 16 (at most {MAX_PIXELS})",
+    "max_sequence_length": "must be an integer from 1 to 512",
+    "batch_size": "must be an integer >= 1",
+    "seed": f"must be an integer from 0 to {MAX_SEED}",
+    "original_size": f"must be (height, width) in pixels, each from 1 to {MAX_PIXELS}",
+    "target_size": f"must be (height, width) in pixels, each from 1 to {MAX_PIXELS}",
+    "crops_coords_top_left": f"must be (top, left) in pixels, each from 0 to {MAX_PIXELS}",
+    "run_id": "must be a plain name: letters, digits, '.', '_' or '-', no '/'",
+    "chunk_size": "must be an integer >= 1",
+    "retries": "must be an integer from 0 to 10",
+    "dtype": "must be one of auto, float32, bfloat16, float16",
+    "prompts": "must hold at least one non-empty prompt",
+}
 
 
 class RequestError(ValueError):
@@ -48,6 +79,226 @@ class RequestError(ValueError):
         shown = repr(value) if not isinstance(value, str) or len(value) < 80 else repr(value[:77] + "...")
         super().__init__(f"invalid {parameter}={shown}: {allowed}")
         self.parameter, self.value, self.allowed = parameter, value, allowed
+
+
+def _form_schema(schema: dict[str, Any]) -> None:
+    """Show `X | None` fields in the Prefect form as plain X fields (empty means None, the default).
+
+    pydantic writes them as `anyOf: [X, null]`, which the form renders as "Property is type None".
+    """
+    for prop in schema.get("properties", {}).values():
+        branches = prop.get("anyOf")
+        if branches and len(branches) == 2 and {"type": "null"} in branches:
+            prop.update(next(b for b in branches if b != {"type": "null"}))
+            del prop["anyOf"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_form_schema)
+
+
+# The form's rule for a prompt (GenerateRequest's validator says the same in words).
+PromptText = Annotated[StrictStr, StringConstraints(min_length=1, pattern=r"\S")]
+
+
+class Prompts(_Model):
+    """The prompts of a run: one image each."""
+
+    prompts: list[PromptText] = Field(min_length=1, description="Prompts, one image each.")
+    negative_prompts: list[StrictStr] | None = Field(
+        default=None, description="One negative prompt per prompt (FLUX.1: only with true_cfg_scale > 1)."
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Prompt i gets Generator('cpu').manual_seed(seed + i).")
+
+
+class ImageSettings(_Model):
+    """What each image is made with. Empty fields take the model family's pipeline defaults."""
+
+    steps: int | None = Field(default=None, ge=1, le=1000, description=f"Denoising steps; {MODEL_DEFAULT}.")
+    guidance: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description=f"Guidance scale (FLUX.1: distilled); {MODEL_DEFAULT}."
+    )
+    true_cfg_scale: float = Field(
+        default=1.0, ge=1, allow_inf_nan=False, description="FLUX.1 only: > 1 runs true CFG with negative prompts."
+    )
+    height: int | None = Field(
+        default=None, ge=16, le=MAX_PIXELS, multiple_of=16, description=f"Pixels, a multiple of 16; {MODEL_DEFAULT}."
+    )
+    width: int | None = Field(
+        default=None, ge=16, le=MAX_PIXELS, multiple_of=16, description=f"Pixels, a multiple of 16; {MODEL_DEFAULT}."
+    )
+    max_sequence_length: int | None = Field(
+        default=None, ge=1, le=512, description=f"T5 tokens per prompt (FLUX.1, SD3); {MODEL_DEFAULT}."
+    )
+    original_size: tuple[int, int] | None = Field(
+        default=None, description="SDXL micro-conditioning (height, width); empty: the image size."
+    )
+    crops_coords_top_left: tuple[int, int] = Field(default=(0, 0), description="SDXL micro-conditioning (top, left).")
+    target_size: tuple[int, int] | None = Field(
+        default=None, description="SDXL micro-conditioning (height, width); empty: the image size."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ImageSettings:
+        for name in ("original_size", "target_size"):
+            size = getattr(self, name)
+            if size is not None and not all(0 < v <= MAX_PIXELS for v in size):
+                raise RequestError(name, size, ALLOWED[name])
+        if not all(0 <= v <= MAX_PIXELS for v in self.crops_coords_top_left):
+            raise RequestError("crops_coords_top_left", self.crops_coords_top_left, ALLOWED["crops_coords_top_left"])
+        return self
+
+    def check_family(self, family: type[Family], negative_prompts: bool) -> None:
+        """Options that only some families take; another family would ignore them, so refuse them."""
+        name = family.pipeline_class
+        if family.true_cfg:
+            if self.true_cfg_scale > 1 and not negative_prompts:
+                raise RequestError("true_cfg_scale", self.true_cfg_scale, "> 1 needs negative_prompts")
+        elif self.true_cfg_scale != 1:
+            allowed = f"only FLUX.1 takes it; {name} guides with guidance and negative_prompts"
+            raise RequestError("true_cfg_scale", self.true_cfg_scale, allowed)
+        if not family.micro_conditioning:
+            for field in ("original_size", "crops_coords_top_left", "target_size"):
+                if getattr(self, field) != ImageSettings.model_fields[field].default:
+                    raise RequestError(field, getattr(self, field), f"is SDXL micro-conditioning; {name} takes none")
+
+
+class Placement(_Model):
+    """Where and how the stages hold the model: dtype, batch size, device memory, offload, VAE tiling."""
+
+    dtype: Dtype = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
+    batch_size: int = Field(default=1, ge=1, description="Items per forward pass in every stage.")
+    max_memory: dict[str, str] | None = Field(
+        default=None, description='Memory per device, e.g. {"0": "16GiB", "1": "16GiB", "cpu": "64GiB"}.'
+    )
+    offload_dir: str | None = Field(default=None, description="Folder for weights offloaded to disk.")
+    tiled_decode: bool = Field(default=False, description="Decode in VAE tiles (bounded memory for large images).")
+    sliced_decode: bool = Field(default=False, description="Decode one image of a batch at a time.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_memory(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_memory" in data:
+            data = {**data, "max_memory": parse_max_memory(data["max_memory"])}
+        return data
+
+
+class RunOptions(_Model):
+    """How a run is carried out; none of this changes an image."""
+
+    strict: bool = Field(default=False, description="Stop at a damaged artifact instead of recomputing it.")
+    retries: int = Field(default=0, ge=0, le=10, description="Retries of a failed stage.")
+    chunk_size: int | None = Field(
+        default=None, ge=1, description="Items per chunk (each stage loads its model once a chunk); empty: automatic."
+    )
+
+
+class Output(_Model):
+    """Where a `generate` run writes."""
+
+    out: str = Field(default="outputs", description="Output root; the run writes under OUT/RUN_ID/.")
+    run_id: str | None = Field(
+        default=None, pattern=RUN_ID_PATTERN, description="Plain name of the run folder; empty: a new timestamped one."
+    )
+    store: str | None = Field(default=None, description="Artifact store (folder or fsspec URL); empty: OUT/.store.")
+
+
+class GenerateRequest(_Model):
+    """Everything that determines a run's images, checked before any model is loaded."""
+
+    prompts: list[StrictStr] = Field(description="Prompts, one image each.")
+    negative_prompts: list[StrictStr] | None = None
+    seed: int = 0
+    model: str = Field(description="Diffusers pipeline folder or Hub id.")
+    settings: ImageSettings = Field(default_factory=ImageSettings)
+    placement: Placement = Field(default_factory=Placement)
+    out: str = "outputs"
+    run_id: str
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> GenerateRequest:
+        if not self.prompts:
+            raise RequestError("prompts", self.prompts, ALLOWED["prompts"])
+        for i, prompt in enumerate(self.prompts):
+            if not prompt.strip() or "\x00" in prompt:
+                raise RequestError("prompts", self.prompts, f"prompt {i} must be non-empty text")
+        for i, prompt in enumerate(self.negative_prompts or []):
+            if "\x00" in prompt:
+                raise RequestError(
+                    "negative_prompts",
+                    self.negative_prompts,
+                    f"negative prompt {i} must be text without NUL characters",
+                )
+        if self.negative_prompts is not None and len(self.negative_prompts) != len(self.prompts):
+            allowed = (
+                f"must hold one negative prompt per prompt ({len(self.prompts)}), not {len(self.negative_prompts)}"
+            )
+            raise RequestError("negative_prompts", self.negative_prompts, allowed)
+        if not 0 <= self.seed <= MAX_SEED - len(self.prompts):
+            raise RequestError("seed", self.seed, f"must be an integer from 0 to {MAX_SEED - len(self.prompts)}")
+        if not _RUN_ID.match(self.run_id) or self.run_id in {".", ".."}:
+            raise RequestError("run_id", self.run_id, ALLOWED["run_id"])
+        if (info.context or {}).get("check_model", True):
+            family = FAMILIES[check_model_dir(self.model)["_class_name"]]
+            self.settings.check_family(family, self.negative_prompts is not None)
+            if family.true_cfg and self.negative_prompts is not None and self.settings.true_cfg_scale <= 1:
+                allowed = f"{family.pipeline_class} uses negative prompts only with true_cfg_scale > 1"
+                raise RequestError("negative_prompts", self.negative_prompts, allowed + " (its guidance is distilled)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.run_id
+
+
+def one_line(exc: ValidationError, prefix: str = "") -> RequestError:
+    """The first problem of a pydantic error as a RequestError naming the parameter (our words where we have them)."""
+    error = exc.errors()[0]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, RequestError):
+        return cause
+    loc = [str(p) for p in error["loc"] if p not in ("settings", "placement")]
+    if len(loc) >= 2 and loc[0] in ("prompts", "negative_prompts") and loc[1].isdigit():
+        loc = [f"{loc[0]}[{loc[1]}]"]  # "prompts.1" -> the offending prompt
+    parameter = prefix + (loc[0] if loc else "request")
+    allowed = ALLOWED.get(loc[0] if loc else "", error["msg"].removeprefix("Value error, "))
+    return RequestError(parameter, error.get("input"), allowed)
+
+
+def validate_request(check_model: bool = True, **fields: Any) -> GenerateRequest:
+    """Build a GenerateRequest or raise RequestError with a one-line message.
+
+    ImageSettings and Placement fields may also be given flat (`steps=2`). `check_model=False` checks
+    everything but the model folder (used before the default model is built).
+    """
+    for group, model in (("settings", ImageSettings), ("placement", Placement)):
+        flat = {name: fields.pop(name) for name in list(fields) if name in model.model_fields}
+        if flat:
+            given = fields.get(group) or {}
+            fields[group] = {**(given.model_dump() if isinstance(given, BaseModel) else given), **flat}
+    if check_model and isinstance(fields.get("model"), str):
+        fields["model"] = resolve_model(fields["model"])
+    try:
+        return GenerateRequest.model_validate(fields, context={"check_model": check_model})
+    except ValidationError as exc:
+        raise one_line(exc) from None
+
+
+def resolve_settings(settings: ImageSettings, model: str | Path) -> DenoiseSettings:
+    """The settings a run uses: each empty field takes the model family's pipeline default."""
+    family = family_for(model)
+    height, width = family.default_size(model)
+    return DenoiseSettings(
+        steps=settings.steps or family.default_steps,
+        guidance=family.default_guidance if settings.guidance is None else settings.guidance,
+        height=settings.height or height,
+        width=settings.width or width,
+        max_sequence_length=settings.max_sequence_length or family.default_max_sequence_length,
+        true_cfg_scale=settings.true_cfg_scale,
+        original_size=settings.original_size,
+        crops_coords_top_left=settings.crops_coords_top_left,
+        target_size=settings.target_size,
+    )
 
 
 def parse_max_memory(value: str | dict[str, Any] | None) -> dict[str, str] | None:
@@ -114,151 +365,25 @@ def resolve_model(model: str) -> str:
         raise RequestError("model", model, "is neither a local folder nor a Hub id that could be fetched") from None
 
 
-class Placement(BaseModel):
-    """Where the stages put the weights. Empty means: accelerators if any, else the CPU."""
+def check_store(store: str | None, out: str) -> str:
+    """The store a run uses, STORE or OUT/.store by default (absolute), checked without creating anything."""
+    from stagediff.artifacts.store import is_url
 
-    model_config = ConfigDict(extra="forbid")
+    if store is None or store == "":
+        return str((Path(out) / ".store").absolute())
+    if not is_url(store):
+        if Path(store).exists() and not Path(store).is_dir():
+            raise RequestError("store", store, "must be a folder (it is created if missing) or an fsspec URL")
+        return str(Path(store).absolute())
+    import fsspec
 
-    max_memory: dict[str, str] | None = Field(
-        default=None, description='Memory per device, e.g. {"0": "16GiB", "1": "16GiB", "cpu": "64GiB"}.'
-    )
-    offload_dir: str | None = Field(default=None, description="Folder for weights offloaded to disk.")
-
-    @field_validator("max_memory", mode="before")
-    @classmethod
-    def _max_memory(cls, value: Any) -> dict[str, str] | None:
-        return parse_max_memory(value)
-
-
-class GenerateRequest(BaseModel):
-    """Everything that determines a run's images, checked before any model is loaded."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: list[StrictStr] = Field(description="Prompts, one image each.")
-    negative_prompts: list[StrictStr] | None = Field(
-        default=None, description="One negative prompt per prompt; FLUX.1 needs true_cfg_scale > 1 for them."
-    )
-    model: str = Field(description="Diffusers pipeline folder or Hub id.")
-    steps: int = Field(default=28, description="Denoising steps.")
-    guidance: float = Field(
-        default=3.5, description="Classifier-free guidance scale (FLUX.1-dev: its distilled guidance)."
-    )
-    true_cfg_scale: float = Field(default=1.0, description="FLUX.1 only: > 1 runs true CFG with the negative prompts.")
-    height: int = Field(default=1024, description="Image height in pixels, a multiple of 16.")
-    width: int = Field(default=1024, description="Image width in pixels, a multiple of 16.")
-    seed: int = Field(default=0, description="Prompt i gets its noise from Generator('cpu').manual_seed(seed + i).")
-    max_sequence_length: int = Field(default=512, description="T5 tokens per prompt (1..512).")
-    batch_size: int = Field(default=1, description="Prompts per forward pass in each stage.")
-    dtype: Dtype = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
-    original_size: tuple[int, int] | None = Field(
-        default=None, description="SDXL micro-conditioning (height, width); empty: the image size."
-    )
-    crops_coords_top_left: tuple[int, int] = Field(default=(0, 0), description="SDXL micro-conditioning (top, left).")
-    target_size: tuple[int, int] | None = Field(
-        default=None, description="SDXL micro-conditioning (height, width); empty: the image size."
-    )
-    tiled_decode: bool = Field(default=False, description="Decode in VAE tiles (bounded memory for large images).")
-    sliced_decode: bool = Field(default=False, description="Decode one image of a batch at a time.")
-    placement: Placement = Field(default_factory=Placement)
-    out: str = Field(default="outputs", description="Output root; the run writes under OUT/RUN_ID/.")
-    run_id: str = Field(description="Plain name of the run folder under OUT.")
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompts(cls, prompts: list[str]) -> list[str]:
-        if not prompts:
-            raise ValueError("at least one prompt is required")
-        for i, prompt in enumerate(prompts):
-            if not prompt.strip() or "\x00" in prompt:
-                raise ValueError(f"prompt {i} must be non-empty text")
-        return prompts
-
-    @field_validator("negative_prompts")
-    @classmethod
-    def _negative_prompts(cls, negative_prompts: list[str] | None) -> list[str] | None:
-        for i, prompt in enumerate(negative_prompts or []):
-            if "\x00" in prompt:
-                raise ValueError(f"negative prompt {i} must be text without NUL characters")
-        return negative_prompts
-
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> GenerateRequest:
-        if not 1 <= self.steps <= 1000:
-            raise RequestError("steps", self.steps, "must be an integer from 1 to 1000")
-        if not (self.guidance >= 0 and self.guidance != float("inf")):
-            raise RequestError("guidance", self.guidance, "must be a finite number >= 0")
-        if not (self.true_cfg_scale >= 1 and self.true_cfg_scale != float("inf")):
-            raise RequestError("true_cfg_scale", self.true_cfg_scale, "must be a finite number >= 1 (1: off)")
-        if self.negative_prompts is not None and len(self.negative_prompts) != len(self.prompts):
-            allowed = (
-                f"must hold one negative prompt per prompt ({len(self.prompts)}), not {len(self.negative_prompts)}"
-            )
-            raise RequestError("negative_prompts", self.negative_prompts, allowed)
-        for name in ("original_size", "target_size"):
-            size = getattr(self, name)
-            if size is not None and not all(0 < v <= 16384 for v in size):
-                raise RequestError(name, size, "must be (height, width) in pixels, each from 1 to 16384")
-        if not all(0 <= v <= 16384 for v in self.crops_coords_top_left):
-            allowed = "must be (top, left) in pixels, each from 0 to 16384"
-            raise RequestError("crops_coords_top_left", self.crops_coords_top_left, allowed)
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value <= 0 or value % 16 or value > 16384:
-                raise RequestError(name, value, "must be a positive multiple of 16 (at most 16384)")
-        if not 0 <= self.seed <= MAX_SEED - len(self.prompts):
-            raise RequestError("seed", self.seed, f"must be an integer from 0 to {MAX_SEED - len(self.prompts)}")
-        if not 1 <= self.max_sequence_length <= 512:
-            raise RequestError("max_sequence_length", self.max_sequence_length, "must be an integer from 1 to 512")
-        if self.batch_size < 1:
-            raise RequestError("batch_size", self.batch_size, "must be an integer >= 1")
-        if not _RUN_ID.match(self.run_id) or self.run_id in {".", ".."}:
-            raise RequestError("run_id", self.run_id, "must be a plain name: letters, digits, '.', '_' or '-', no '/'")
-        if (info.context or {}).get("check_model", True):
-            self._check_family(FAMILIES[check_model_dir(self.model)["_class_name"]])
-        return self
-
-    def _check_family(self, family: type[Family]) -> None:
-        """Options that only some families take; another family would ignore them, so refuse them."""
-        name = family.pipeline_class
-        if family.true_cfg:
-            if self.true_cfg_scale > 1 and self.negative_prompts is None:
-                raise RequestError("true_cfg_scale", self.true_cfg_scale, "> 1 needs negative_prompts")
-            if self.negative_prompts is not None and self.true_cfg_scale <= 1:
-                allowed = f"{name} uses negative prompts only with true_cfg_scale > 1 (its guidance is distilled)"
-                raise RequestError("negative_prompts", self.negative_prompts, allowed)
-        elif self.true_cfg_scale != 1:
-            allowed = f"only FLUX.1 takes it; {name} guides with guidance and negative_prompts"
-            raise RequestError("true_cfg_scale", self.true_cfg_scale, allowed)
-        if not family.micro_conditioning:
-            for field in ("original_size", "crops_coords_top_left", "target_size"):
-                if getattr(self, field) != GenerateRequest.model_fields[field].default:
-                    raise RequestError(field, getattr(self, field), f"is SDXL micro-conditioning; {name} takes none")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out) / self.run_id
-
-    def seed_of(self, index: int) -> int:
-        return self.seed + index
-
-
-def validate_request(check_model: bool = True, **fields: Any) -> GenerateRequest:
-    """Build a GenerateRequest or raise RequestError with a one-line message.
-
-    `check_model=False` checks everything but the model folder (used before the default model is built).
-    """
-    if check_model and isinstance(fields.get("model"), str):
-        fields["model"] = resolve_model(fields["model"])
     try:
-        return GenerateRequest.model_validate(fields, context={"check_model": check_model})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        cause = error.get("ctx", {}).get("error")
-        if isinstance(cause, RequestError):
-            raise cause from None
-        parameter = ".".join(str(p) for p in error["loc"]) or "request"
-        if parameter.startswith("prompts."):  # "prompts.1" -> the offending prompt
-            parameter = f"prompts[{parameter.split('.', 1)[1]}]"
-        message = error["msg"].removeprefix("Value error, ")
-        raise RequestError(parameter, error.get("input"), message) from None
+        fsspec.core.url_to_fs(store)
+    except (ValueError, ImportError) as exc:
+        allowed = f"must be a folder or a URL of an installed fsspec filesystem ({type(exc).__name__}: {exc})"
+        raise RequestError("store", store, allowed.splitlines()[0]) from None
+    return store
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)

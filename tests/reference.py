@@ -36,3 +36,19 @@ def reference_images(
 
 def read_image(path: str | Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def run_generate(flow_run_name: str | None = None, **fields):
+    """The `generate` flow called with flat keyword arguments (`steps=2, out=..., strict=True`), each put into
+    its parameter model (prompts, settings, placement, output, options), as the CLI does."""
+    from stagediff.flows.generate import generate
+    from stagediff.request import ImageSettings, Output, Placement, Prompts, RunOptions
+
+    groups = {}
+    for model in (Prompts, ImageSettings, Placement, Output, RunOptions):
+        groups[model] = model(**{name: fields.pop(name) for name in list(fields) if name in model.model_fields})
+    flow = generate.with_options(flow_run_name=flow_run_name) if flow_run_name else generate
+    return flow(
+        groups[Prompts], groups[ImageSettings], fields.pop("model", None), groups[Placement], groups[Output],
+        groups[RunOptions], **fields,
+    )  # fmt: skip

@@ -207,7 +207,7 @@ def direct(stack: Stack, tiny_model: Path, tmp_path_factory: pytest.TempPathFact
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.generate import generate
+    from tests.reference import run_generate as generate
 
     out = tmp_path_factory.mktemp("direct")
     name = f"direct-{os.getpid()}"
@@ -216,9 +216,10 @@ def direct(stack: Stack, tiny_model: Path, tmp_path_factory: pytest.TempPathFact
     def call() -> None:
         try:
             with temporary_settings({PREFECT_API_URL: stack.api_url}):
-                generate.with_options(flow_run_name=name)(
-                    prompts=PROMPTS[:2], model=str(tiny_model), seed=0, out=str(out), run_id="r", **SMALL
-                )
+                generate(
+                    flow_run_name=name, prompts=PROMPTS[:2], model=str(tiny_model), seed=0, out=str(out), run_id="r",
+                    **SMALL,
+                )  # fmt: skip
         except BaseException as exc:
             errors.append(exc)
 
@@ -241,7 +242,12 @@ def direct(stack: Stack, tiny_model: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def test_generate_deployment_matches_the_direct_call(stack: Stack, tiny_model: Path, direct: Path, tmp_path: Path):
-    params = {"prompts": PROMPTS[:2], "model": str(tiny_model), "seed": 0, "out": str(tmp_path), "run_id": "r", **SMALL}
+    params = {
+        "prompts": {"prompts": PROMPTS[:2], "seed": 0},
+        "model": str(tiny_model),
+        "settings": SMALL,
+        "output": {"out": str(tmp_path), "run_id": "r"},
+    }
     code, flow_run_id, output = stack.run_deployment("generate/ad-hoc", params)
     assert code == 0, f"{output}\nworker log:\n{tail(stack.logs / 'worker.log')}"
     for i in range(2):
@@ -275,8 +281,8 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
         "prompts_file": str(prompts_file),
         "store": str(store),
         "model": str(tiny_model),
-        "chunk_size": 8,
-        **SMALL,
+        "settings": SMALL,
+        "options": {"chunk_size": 8},
     }
     # A file with bad lines, run meanwhile (it fails before any stage, so it does not wait for the device)
     bad_file, bad_store = tmp_path / "bad.jsonl", tmp_path / "bad-store"
@@ -334,3 +340,24 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
     for expected in ("line 2, column steps: invalid value 0", "line 3, column (line)", "line 4, column width: invalid"):
         assert expected in message
     assert not bad_store.exists()
+
+
+def test_the_form_rejects_bad_parameters_before_a_run_is_created(stack: Stack) -> None:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    bad = {
+        "height": {"prompts": {"prompts": ["a dog"]}, "settings": {"height": 65}},
+        "steps": {"prompts": {"prompts": ["a dog"]}, "settings": {"steps": 0}},
+        "prompts": {"prompts": {"prompts": []}},
+    }
+    with stack.client() as client:
+        deployment = client.read_deployment_by_name("generate/ad-hoc")
+        runs = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        before = len(client.read_flow_runs(deployment_filter=runs))
+        for field, parameters in bad.items():
+            with pytest.raises(PrefectHTTPStatusError) as error:
+                client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+            assert error.value.response.status_code == 409, field
+            assert "Error creating flow run" in error.value.response.text, field
+        assert len(client.read_flow_runs(deployment_filter=runs)) == before  # no run was created

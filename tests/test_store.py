@@ -16,13 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from artifacts import ArtifactError, Store
 from stagediff import keys
+from stagediff.artifacts import ArtifactError, Store
 from stagediff.cli import main
-from stagediff.gc import collect_garbage, parse_age
-from stagediff.request import RequestError
-from stagediff.runs import check_store
-from stagediff.spec import DenoiseSettings
+from stagediff.collect import collect_garbage, parse_age
+from stagediff.jobs import DenoiseSettings
+from stagediff.request import RequestError, check_store
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
 
@@ -262,7 +261,8 @@ def test_bad_gc_and_store_arguments_are_one_line_errors(tmp_path: Path, capsys: 
 
 def test_the_flow_side_never_imports_torch() -> None:
     code = (
-        "import sys, flows.generate, stagediff.gc, stagediff.keys, stagediff.runs, artifacts.store; "
+        "import sys, stagediff.flows.generate, stagediff.flows.batch, stagediff.collect, stagediff.keys, "
+        "stagediff.engine, stagediff.run_manifest, stagediff.artifacts.store; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

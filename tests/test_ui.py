@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prefect import flow, get_client
 
-from flows.ui import device_tag, model_tag, stage_tags
+from stagediff.flows.ui import device_tag, model_tag, stage_tags
 
 
 @flow

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from stagediff.artifacts import Store
 from stagediff.family import family_for, model_index
-from stagediff.stages.common import (
-    ItemRef,
-    StageContext,
-    accelerator_count,
-    load_item,
-    load_pipeline,
-    log,
-    metadata,
-    open_store,
-)
+from stagediff.jobs import DecodeJob, ItemRef, StageContext, StageResult
+from stagediff.stages.devices import accelerator_count
+from stagediff.stages.loading import load_pipeline
+from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
 
 
 def decode_device(ctx: StageContext) -> str:
@@ -42,30 +37,22 @@ def load_decoder(ctx: StageContext, tiled: bool = False, sliced: bool = False):
 
 
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
-def decode(
-    ctx: StageContext,
-    items: list[ItemRef],
-    height: int,
-    width: int,
-    keys: dict[int, str],
-    tiled: bool = False,
-    sliced: bool = False,
-) -> dict:
-    """Decode the latents refs whose images the store lacks, in batches; store PNGs under `keys[index]`."""
-    family = family_for(ctx.model)
-    store = open_store(ctx)
-    pipe = vae = None
-    refs: list[ItemRef] = []
-    for chunk in store.claimed_batches("images", items, lambda r: keys[r.index], ctx.batch_size, ctx.pause_after_batch):
-        if pipe is None:  # loaded only if this process has something to compute
-            pipe = load_decoder(ctx, tiled, sliced)
-            vae = pipe.vae
-            log.info("vae loaded on %s (tiled: %s, sliced: %s)", vae.device, tiled, sliced)
-        latents = torch.stack([load_item(ctx, ref)["latents"] for ref in chunk]).to(vae.device, vae.dtype)
-        latents = family.latents_for_vae(latents, vae.config, height, width)
+def decode(job: DecodeJob) -> StageResult:
+    """Decode the latents whose images the store lacks, in batches of one size; store PNGs under their keys."""
+    ctx, family, store = job.ctx, family_for(job.ctx.model), Store(job.ctx.store)
+    result = StageResult()
+    models = Loaded(lambda: load_decoder(ctx, job.tiled, job.sliced), result)
+    for batch in batches(store, "images", job.items, lambda item: (item.height, item.width), ctx.batch_size):
+        pipe = models.get()
+        vae = pipe.vae
+        if result.device_map is None:
+            result.device_map = {"": str(vae.device)}
+            log.info("vae loaded on %s (tiled: %s, sliced: %s)", vae.device, job.tiled, job.sliced)
+        latents = torch.stack([load_tensors(store, item.latents)["latents"] for item in batch])
+        latents = family.latents_for_vae(latents.to(vae.device, vae.dtype), vae.config, batch[0].height, batch[0].width)
         images = family.postprocess(pipe, vae.decode(latents, return_dict=False)[0])
-        for ref, image in zip(chunk, images, strict=True):
-            record = store.save_png("images", keys[ref.index], image, metadata(ctx, "decode", index=ref.index))
-            refs.append(ItemRef(ref.index, "images", record.key, record.sha256))
-            log.info("wrote image %d", ref.index)
-    return {"items": refs, "device_map": None if vae is None else {"": str(vae.device)}}
+        for item, image in zip(batch, images, strict=True):
+            record = store.save_png("images", item.key, image, metadata(ctx, "decode", index=item.index))
+            done(result, ItemRef(item.index, "images", record.key, record.sha256))
+            log.info("wrote image %d", item.index)
+    return models.finish()

@@ -7,21 +7,14 @@ from pathlib import Path
 
 import torch
 
+from stagediff.artifacts import Store
 from stagediff.family import family_for, model_index, vae_scale_factor
-from stagediff.spec import DenoiseSettings
-from stagediff.stages.common import (
-    ItemRef,
-    StageContext,
-    accelerate_max_memory,
-    accelerator_count,
-    device_map_of,
-    load_item,
-    load_pipeline,
-    log,
-    metadata,
-    open_store,
-    torch_dtype,
-)
+from stagediff.jobs import DenoiseJob, ItemRef, StageContext, StageResult
+from stagediff.stages.devices import accelerate_max_memory, accelerator_count, device_map_of, torch_dtype
+from stagediff.stages.loading import load_pipeline
+from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
+
+STEP_LOG_LINES = 4  # log a batch's progress this many times over its steps, not at every step
 
 
 def auto_device_map(cls: type, ctx: StageContext, subfolder: str) -> dict[str, int | str]:
@@ -61,7 +54,7 @@ def load_denoiser(ctx: StageContext):
     cls = getattr(diffusers, class_name)
     kwargs: dict = {}
     if accelerator_count() or ctx.max_memory:
-        offload_dir = ctx.offload_dir or str(Path(ctx.run_dir) / "offload")
+        offload_dir = ctx.offload_dir or str(Path(ctx.work_dir) / "offload")
         kwargs.update(device_map=auto_device_map(cls, ctx, family.denoiser), offload_folder=offload_dir)
     denoiser = cls.from_pretrained(
         ctx.model, subfolder=family.denoiser, dtype=torch_dtype(ctx.dtype), use_safetensors=True, **kwargs
@@ -73,28 +66,26 @@ def load_denoiser(ctx: StageContext):
 
 
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
-def denoise(
-    ctx: StageContext, items: list[tuple[ItemRef, int]], settings: DenoiseSettings, keys: dict[int, str]
-) -> dict:
-    """Denoise the `(embeddings ref, seed)` pairs the store lacks, in batches; store latents under `keys[index]`."""
-    family = family_for(ctx.model)
-    store = open_store(ctx)
-    pipe = device_map = None
-    refs: list[ItemRef] = []
-    work = store.claimed_batches(
-        "latents", items, lambda item: keys[item[0].index], ctx.batch_size, ctx.pause_after_batch
-    )
-    for n, chunk in enumerate(work, 1):
-        if pipe is None:  # loaded only if this process has something to compute
-            pipe, device_map = load_denoiser(ctx)
+def denoise(job: DenoiseJob) -> StageResult:
+    """Denoise the items whose latents the store lacks, in batches of one setting; store each under its key."""
+    ctx, family, store = job.ctx, family_for(job.ctx.model), Store(job.ctx.store)
+    result = StageResult()
+    models = Loaded(lambda: load_denoiser(ctx), result)
+    for n, batch in enumerate(batches(store, "latents", job.items, lambda item: item.settings, ctx.batch_size), 1):
+        pipe, device_map = models.get()
+        if result.device_map is None:
+            result.device_map = device_map
             log.info("%s loaded (device map: %s)", family.denoiser, device_map)
-        loaded = [load_item(ctx, ref) for ref, _ in chunk]
+        settings = batch[0].settings
+        loaded = [load_tensors(store, item.embeddings) for item in batch]
         embeddings = {name: torch.stack([t[name] for t in loaded]) for name in loaded[0]}
-        # One generator per item: prompt i's noise never depends on its batch.
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        # One generator per item: an item's noise never depends on its batch.
+        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+        every = max(1, settings.steps // STEP_LOG_LINES)
 
-        def on_step(pipe, step, timestep, callback_kwargs, n=n):
-            log.info("batch %d: step %d/%d", n, step + 1, settings.steps)
+        def on_step(pipe, step, timestep, callback_kwargs, n=n, steps=settings.steps, every=every):
+            if (step + 1) % every == 0 or step + 1 == steps:
+                log.info("batch %d: step %d/%d", n, step + 1, steps)
             return callback_kwargs
 
         latents = pipe(
@@ -106,8 +97,8 @@ def denoise(
             output_type="latent",
             callback_on_step_end=on_step,
         ).images
-        for row, (ref, seed) in enumerate(chunk):
-            meta = metadata(ctx, "denoise", index=ref.index, seed=seed, **asdict(settings))
-            record = store.save_tensors("latents", keys[ref.index], {"latents": latents[row]}, meta)
-            refs.append(ItemRef(ref.index, "latents", record.key, record.sha256))
-    return {"items": refs, "device_map": device_map}
+        for row, item in enumerate(batch):
+            meta = metadata(ctx, "denoise", index=item.index, seed=item.seed, **asdict(settings))
+            record = store.save_tensors("latents", item.key, {"latents": latents[row]}, meta)
+            done(result, ItemRef(item.index, "latents", record.key, record.sha256))
+    return models.finish()

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from stagediff.artifacts import Store
 from stagediff.family import family_for
-from stagediff.stages.common import (
-    ItemRef,
-    StageContext,
-    accelerate_max_memory,
-    accelerator_count,
-    load_pipeline,
-    log,
-    metadata,
-    open_store,
-)
+from stagediff.jobs import EncodeJob, ItemRef, StageContext, StageResult
+from stagediff.stages.devices import accelerate_max_memory, accelerator_count
+from stagediff.stages.loading import load_pipeline
+from stagediff.stages.work import Loaded, batches, done, log, metadata
 
 # diffusers' balanced placement puts a component that fits on no accelerator on the CPU without a word.
 CPU_FALLBACK = (
@@ -49,40 +44,34 @@ def load_text_encoders(ctx: StageContext):
 
 
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
-def encode(
-    ctx: StageContext,
-    prompts: list[tuple[int, str]],
-    max_sequence_length: int,
-    keys: dict[int, str],
-    negative_prompts: list[str] | None = None,
-) -> dict:
-    """Encode the `(index, prompt)` pairs the store lacks, in batches; store them under `keys[index]`.
+def encode(job: EncodeJob) -> StageResult:
+    """Encode the items the store lacks, in batches of one sequence length; store each under its key.
 
-    `negative_prompts[i]` belongs to `prompts[i]`; the family decides which tensors an item gets.
+    The family decides which tensors an item gets (with or without negative embeddings).
     """
-    family = family_for(ctx.model)
-    store = open_store(ctx)
-    pipe = placement = None
-    warnings = []
-    negatives = dict(zip((index for index, _ in prompts), negative_prompts, strict=True)) if negative_prompts else None
-    refs: list[ItemRef] = []
-    work = store.claimed_batches("embeddings", prompts, lambda p: keys[p[0]], ctx.batch_size, ctx.pause_after_batch)
-    for chunk in work:
-        if pipe is None:  # loaded only if this process has something to compute
-            pipe, placement = load_text_encoders(ctx)
+    ctx, family, store = job.ctx, family_for(job.ctx.model), Store(job.ctx.store)
+    result = StageResult()
+    models = Loaded(lambda: load_text_encoders(ctx), result)
+    group_of = lambda item: (item.max_sequence_length, item.negative_prompt is not None)  # noqa: E731
+    for batch in batches(store, "embeddings", job.items, group_of, ctx.batch_size):
+        pipe, placement = models.get()
+        if result.device_map is None:
+            result.device_map = placement
             log.info("text encoders loaded (placement: %s)", placement)
             if accelerator_count():
                 for name in (name for name, device in placement.items() if device == "cpu"):
                     log.warning(CPU_FALLBACK, name)
-                    warnings.append(CPU_FALLBACK % name)
-        chunk_negatives = [negatives[index] for index, _ in chunk] if negatives else None
-        embeddings = family.encode(pipe, [prompt for _, prompt in chunk], chunk_negatives, max_sequence_length)
-        for row, (index, prompt) in enumerate(chunk):
+                    result.warnings.append(CPU_FALLBACK % name)
+        negatives = [item.negative_prompt for item in batch] if batch[0].negative_prompt is not None else None
+        embeddings = family.encode(pipe, [item.prompt for item in batch], negatives, batch[0].max_sequence_length)
+        for row, item in enumerate(batch):
             tensors = {name: tensor[row] for name, tensor in embeddings.items()}
-            meta = metadata(ctx, "encode", index=index, prompt=prompt, max_sequence_length=max_sequence_length)
-            if negatives:
-                meta["negative_prompt"] = negatives[index]
-            record = store.save_tensors("embeddings", keys[index], tensors, meta)
-            refs.append(ItemRef(index, "embeddings", record.key, record.sha256))
-        log.info("encoded %d prompts (%d so far)", len(chunk), len(refs))
-    return {"items": refs, "device_map": placement, "warnings": warnings}
+            meta = metadata(
+                ctx, "encode", index=item.index, prompt=item.prompt, max_sequence_length=item.max_sequence_length
+            )
+            if item.negative_prompt is not None:
+                meta["negative_prompt"] = item.negative_prompt
+            record = store.save_tensors("embeddings", item.key, tensors, meta)
+            done(result, ItemRef(item.index, "embeddings", record.key, record.sha256))
+        log.info("encoded %d prompts (%d so far)", len(batch), len(result.items))
+    return models.finish()

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from artifacts import Store
-from artifacts.store import KINDS
+from stagediff.artifacts import Store
+from stagediff.artifacts.store import KINDS
 from stagediff.request import RequestError
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")

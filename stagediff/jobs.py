@@ -1,0 +1,126 @@
+"""What crosses the process boundary between the flow and a stage: each stage's job and its result.
+
+Plain, picklable dataclasses, kept free of torch so that the flow's process never imports it. As
+diffusers' modular pipelines declare their blocks' inputs and outputs, each stage declares here what
+it takes (`EncodeJob`, `DenoiseJob`, `DecodeJob`: one entry per item, each with the store key its
+artifact is written under) and what it gives (`StageResult`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["embeddings", "latents", "images"]
+# The one set of artifact kinds: what each stage writes, in stage order.
+KIND_OF_STAGE: dict[str, Kind] = {"encode": "embeddings", "denoise": "latents", "decode": "images"}
+STAGES = tuple(KIND_OF_STAGE)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage needs besides its items: the model, how to place it, and the store."""
+
+    model: str
+    work_dir: str  # the run's folder (default offload folder)
+    store: str  # the artifact store, a folder or fsspec URL
+    dtype: str  # "float32" | "bfloat16" | "float16" (never "auto": resolved before the stages)
+    batch_size: int = 1
+    max_memory: dict[str, str] | None = None
+    offload_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class DenoiseSettings:
+    """What `denoise` passes to the pipeline besides the embeddings and the noise (see `Family.denoise_kwargs`).
+
+    Every field is resolved (a user's empty setting is the family's default here)."""
+
+    steps: int
+    guidance: float  # classifier-free guidance scale; FLUX.1-dev: the distilled guidance
+    height: int
+    width: int
+    max_sequence_length: int  # T5 tokens (Flux, SD3)
+    true_cfg_scale: float = 1.0  # Flux: > 1 runs a negative pass (true classifier-free guidance)
+    original_size: tuple[int, int] | None = None  # SDXL micro-conditioning, (height, width); None: the image size
+    crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL micro-conditioning, (top, left)
+    target_size: tuple[int, int] | None = None  # SDXL micro-conditioning, (height, width); None: the image size
+
+
+@dataclass(frozen=True)
+class ItemRef:
+    """One item's artifact in the store: its kind, content key and sha256."""
+
+    index: int
+    kind: Kind
+    key: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    index: int
+    prompt: str
+    negative_prompt: str | None  # None: the family's own (SD3/SD 1.5 ""; SDXL zeros; FLUX.1 no negative pass)
+    max_sequence_length: int
+    key: str  # the embeddings' store key
+
+
+@dataclass(frozen=True)
+class DenoiseItem:
+    index: int
+    embeddings: ItemRef
+    seed: int  # noise from torch.Generator("cpu").manual_seed(seed)
+    settings: DenoiseSettings
+    key: str  # the latents' store key
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    index: int
+    latents: ItemRef
+    height: int
+    width: int
+    key: str  # the image's store key
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """Stage 1 takes prompts; items with different sequence lengths are batched apart."""
+
+    ctx: StageContext
+    items: list[EncodeItem]
+
+
+@dataclass(frozen=True)
+class DenoiseJob:
+    """Stage 2 takes embeddings and seeds; items with different settings are batched apart."""
+
+    ctx: StageContext
+    items: list[DenoiseItem]
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """Stage 3 takes latents; items with different sizes are batched apart."""
+
+    ctx: StageContext
+    items: list[DecodeItem]
+    tiled: bool = False  # VAE tiling (bounded memory for large images)
+    sliced: bool = False  # one image of a batch at a time
+
+
+StageJob = EncodeJob | DenoiseJob | DecodeJob
+
+
+@dataclass
+class StageResult:
+    """What a stage gives back: the artifacts it wrote, where its weights were, and what loading cost."""
+
+    items: list[ItemRef] = field(default_factory=list)
+    device_map: dict[str, str] | None = None  # component or module -> device
+    warnings: list[str] = field(default_factory=list)  # e.g. a text encoder that fell back to the CPU
+    loads: int = 0  # how many times this process loaded its models (0 when the store had everything)
+    load_seconds: float = 0.0
+    compute_seconds: float = 0.0  # everything after loading: the items' work, reads and writes
+    process: dict | None = None  # set by the parent: pid, seconds, start-up, peak RSS (isolation.ProcessStats)

@@ -1,0 +1,45 @@
+"""Loading a pipeline with only the components a stage uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stagediff.family import family_for, model_index
+from stagediff.jobs import StageContext
+from stagediff.stages.devices import torch_dtype
+
+
+def load_pipeline(ctx: StageContext, keep: tuple[str, ...], **kwargs: Any):
+    """The model's pipeline with only the `keep` components (and the scheduler) loaded from disk.
+
+    Every other component is None, so a stage never loads weights it does not use; `kwargs` go to
+    `from_pretrained` (already loaded components, `device_map`, `max_memory`).
+    """
+    import diffusers
+
+    family = family_for(ctx.model)
+    index = model_index(ctx.model)
+    skipped = {
+        name: None
+        for name, entry in index.items()
+        if isinstance(entry, list) and name not in (*keep, "scheduler") and name not in kwargs
+    }
+    if index.get("requires_safety_checker") and "safety_checker" not in keep:
+        skipped["requires_safety_checker"] = False  # SD 1.5: the checker runs in `decode`, not missing here
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
+        ctx.model, dtype=torch_dtype(ctx.dtype), use_safetensors=True, **skipped, **kwargs
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def quiet_progress_bars() -> None:
+    """Stage logs go to the flow run; loading bars on the terminal would only interleave with them."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+quiet_progress_bars()

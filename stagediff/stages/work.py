@@ -1,0 +1,79 @@
+"""How a stage goes through its items: grouped by settings, in claimed batches, each artifact read
+verified from the store, written back with its metadata, and reported to the flow as soon as it is done."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, TypeVar
+
+import torch
+
+import stagediff
+from stagediff.artifacts import Store
+from stagediff.isolation import report
+from stagediff.jobs import ItemRef, StageContext, StageResult
+
+log = logging.getLogger("stagediff.stages")
+T = TypeVar("T")
+
+
+def batches(store: Store, kind: str, items: list[T], group_of: Callable[[T], Hashable], size: int) -> Iterator[list[T]]:
+    """The items the store lacks, in batches of `size` whose items share `group_of(item)` (first seen first).
+
+    Each batch is claimed in the store until the caller has written it (see `Store.claimed_batches`).
+    """
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(group_of(item), []).append(item)
+    pause = float(os.environ.get("STAGEDIFF_TEST_BATCH_DELAY") or 0)  # crash tests land their kill between batches
+    for group in groups.values():
+        for batch in store.claimed_batches(kind, group, lambda item: item.key, size):
+            yield batch
+            if pause:
+                time.sleep(pause)
+
+
+class Loaded:
+    """A stage's models, loaded on first use (a stage with nothing to compute loads nothing), timed."""
+
+    def __init__(self, load: Callable[[], Any], result: StageResult) -> None:
+        self.load, self.result, self.value = load, result, None
+        self.started = time.perf_counter()
+
+    def get(self) -> Any:
+        if self.value is None:
+            t0 = time.perf_counter()
+            self.value = self.load()
+            self.result.loads += 1
+            self.result.load_seconds += time.perf_counter() - t0
+        return self.value
+
+    def finish(self) -> StageResult:
+        self.result.compute_seconds = round(time.perf_counter() - self.started - self.result.load_seconds, 4)
+        self.result.load_seconds = round(self.result.load_seconds, 4)
+        return self.result
+
+
+def load_tensors(store: Store, ref: ItemRef) -> dict[str, torch.Tensor]:
+    """An earlier stage's tensors for one item, verified (sha256, size, key) before use."""
+    return store.load_tensors(ref.kind, ref.key)
+
+
+def metadata(ctx: StageContext, stage: str, **fields: Any) -> dict[str, str]:
+    """safetensors / PNG metadata: what produced the artifact."""
+    return {
+        "stagediff_version": stagediff.__version__,
+        "stage": stage,
+        "model": str(ctx.model),
+        "dtype": ctx.dtype,
+        **{k: str(v) for k, v in fields.items()},
+    }
+
+
+def done(result: StageResult, ref: ItemRef) -> None:
+    """One item's artifact is in the store: keep its ref and tell the flow (live progress)."""
+    result.items.append(ref)
+    report("item", ref.index)
