@@ -59,9 +59,10 @@ def marginal_cost(summary: dict[int, dict[str, float]]) -> dict[str, float] | No
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[1, 8, 32])
+def parse_args(doc: str, n: list[int], argv: list[str] | None) -> argparse.Namespace:
+    """The options this benchmark and bench.batch share."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=n)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=128)
@@ -69,27 +70,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     parser.add_argument("--api-url")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    model = mid_flux()
+
+def diffusers_command(model: Path, out: Path, n: int, args: argparse.Namespace) -> list[str]:
+    """Plain diffusers in a fresh process: load the pipeline once, loop over batches."""
     common = [str(args.steps), str(args.size), str(args.max_sequence_length)]
-    runs: dict[int, dict[str, list[float]]] = {n: {"diffusers": [], "stagediff": []} for n in args.n}
-    with tempfile.TemporaryDirectory(prefix="stagediff-bench-") as tmp, prefect_api(args.api_url) as api_url:
-        env = {**os.environ, "PREFECT_API_URL": api_url}
-        for r in range(args.repeats):
-            for n in args.n:
-                out = Path(tmp) / f"d-{n}-{r}"
-                out.mkdir()
-                cmd = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(model), str(out), str(n), str(args.batch_size)]
-                runs[n]["diffusers"].append(round(timed_run(cmd + common + prompts(n), env=env), 3))
-                cli = [sys.executable, "-m", "stagediff.cli", "generate", "--model", str(model)]
-                cli += ["--steps", common[0], "--height", common[1], "--width", common[1]]
-                cli += ["--max-sequence-length", common[2], "--batch-size", str(args.batch_size), "--seed", "0"]
-                cli += ["--out", str(Path(tmp) / "s"), "--run-id", f"n{n}-{r}"]
-                cli += ["--store", str(Path(tmp) / f"store-n{n}-{r}")]  # a fresh store: nothing to reuse
-                cli += [arg for p in prompts(n) for arg in ("--prompt", p)]
-                runs[n]["stagediff"].append(round(timed_run(cli, env=env), 3))
+    return [sys.executable, "-c", DIFFUSERS_SCRIPT, str(model), str(out), str(n), str(args.batch_size), *common,
+            *prompts(n)]  # fmt: skip
 
+
+HEADER = ["N", "diffusers s", "stagediff s", "diffusers img/s", "stagediff img/s", "ratio", "stagediff s/img"]
+
+
+def summarize(runs: dict[int, dict[str, list[float]]]) -> tuple[list[list], dict[int, dict[str, float]]]:
+    """Medians per N: table rows (N, seconds and images per second of both ways, ratio) and the summary."""
     rows, summary = [], {}
     for n, by_way in runs.items():
         d, s = median(by_way["diffusers"]), median(by_way["stagediff"])
@@ -102,17 +97,45 @@ def main(argv: list[str] | None = None) -> dict:
             "stagediff_seconds_per_image": round(s / n, 3),
         }
         rows.append([n, d, s, round(n / d, 3), round(n / s, 3), round(d / s, 3), round(s / n, 3)])
-    title = (
-        f"Throughput, median of {args.repeats}: {args.size}x{args.size}, {args.steps} steps, "
-        f"batch {args.batch_size}, fresh commands (load + run)"
-    )
-    header = ["N", "diffusers s", "stagediff s", "diffusers img/s", "stagediff img/s", "ratio", "stagediff s/img"]
-    print_table(title, header, rows)
-    marginal = marginal_cost(summary)
+    return rows, summary
+
+
+def print_marginal(marginal: dict[str, float] | None) -> None:
     if marginal:
         rows = [[way, marginal[f"{way}_seconds_per_image"]] for way in ("diffusers", "stagediff")]
         rows.append(["ratio (diffusers / stagediff)", marginal["ratio"]])
         print_table(f"Cost of one more image, N = {marginal['from_n']} -> {marginal['to_n']}", ["way", "s"], rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(__doc__, [1, 8, 32], argv)
+
+    model = mid_flux()
+    common = [str(args.steps), str(args.size), str(args.max_sequence_length)]
+    runs: dict[int, dict[str, list[float]]] = {n: {"diffusers": [], "stagediff": []} for n in args.n}
+    with tempfile.TemporaryDirectory(prefix="stagediff-bench-") as tmp, prefect_api(args.api_url) as api_url:
+        env = {**os.environ, "PREFECT_API_URL": api_url}
+        for r in range(args.repeats):
+            for n in args.n:
+                out = Path(tmp) / f"d-{n}-{r}"
+                out.mkdir()
+                runs[n]["diffusers"].append(round(timed_run(diffusers_command(model, out, n, args), env=env), 3))
+                cli = [sys.executable, "-m", "stagediff.cli", "generate", "--model", str(model)]
+                cli += ["--steps", common[0], "--height", common[1], "--width", common[1]]
+                cli += ["--max-sequence-length", common[2], "--batch-size", str(args.batch_size), "--seed", "0"]
+                cli += ["--out", str(Path(tmp) / "s"), "--run-id", f"n{n}-{r}"]
+                cli += ["--store", str(Path(tmp) / f"store-n{n}-{r}")]  # a fresh store: nothing to reuse
+                cli += [arg for p in prompts(n) for arg in ("--prompt", p)]
+                runs[n]["stagediff"].append(round(timed_run(cli, env=env), 3))
+
+    rows, summary = summarize(runs)
+    title = (
+        f"Throughput, median of {args.repeats}: {args.size}x{args.size}, {args.steps} steps, "
+        f"batch {args.batch_size}, fresh commands (load + run)"
+    )
+    print_table(title, HEADER, rows)
+    marginal = marginal_cost(summary)
+    print_marginal(marginal)
     payload = {
         "settings": vars(args),
         "runs": {str(n): v for n, v in runs.items()},
