@@ -23,9 +23,9 @@ demo: install  ## a real generation through Prefect on the embedded tiny model
 test: install  ## the CPU test suite (what CI runs)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -q --ignore=tests/test_deployments.py
-	# The deployment end-to-end tests point this process' Prefect client at a server of their own: own process.
-	$(VENV)/bin/pytest -q tests/test_deployments.py
+	$(VENV)/bin/pytest -q --ignore=tests/test_deployments.py --ignore=tests/test_pool.py
+	# The deployment and pool end-to-end tests point this process' Prefect client at servers of their own: own process.
+	$(VENV)/bin/pytest -q tests/test_deployments.py tests/test_pool.py
 
 test-all: install  ## also the opt-in slow tests (and the GPU tests, which skip without CUDA)
 	$(VENV)/bin/pytest -q -m "slow or not slow"

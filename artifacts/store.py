@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stagediff.artifacts.files import (
     ArtifactError,
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 KINDS = {"embeddings": "safetensors", "latents": "safetensors", "images": "png"}
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss", "r2"}  # fsspec protocols with atomic PUTs
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,20 @@ def is_url(location: str) -> bool:
 class Store:
     """A store at a local folder (full guarantees) or an fsspec URL (see the module docstring)."""
 
-    def __init__(self, location: str | Path) -> None:
+    def __init__(self, location: str | Path, options: dict[str, Any] | None = None) -> None:
+        """`options`: fsspec storage options of a URL store (e.g. {"endpoint_url": ...} for s3://); fsspec's
+        `FSSPEC_<PROTOCOL>_<OPTION>` variables and the client's own (`AWS_ENDPOINT_URL`) apply too."""
         self.location = str(location)
+        self.options = dict(options or {})
         self.local = not is_url(self.location)
         if self.local:
             self.root = str(Path(self.location).absolute())
         else:
             import fsspec
 
-            self.fs, self.root = fsspec.core.url_to_fs(self.location)
+            self.fs, self.root = fsspec.core.url_to_fs(self.location, **self.options)
+            protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+            self.object_store = bool(protocols & OBJECT_STORES)
 
     # 1. Files: the only place that knows local from fsspec
 
@@ -100,9 +106,14 @@ class Store:
             return None
 
     def write(self, name: str, data: bytes) -> None:
-        """Write atomically: a temporary sibling (fsynced locally), then a rename over `name`."""
+        """Write atomically: on disk a temporary sibling (fsynced), then a rename over `name`; on an object
+        store one PUT of the final key (it appears whole or not at all; a "rename" there is a copy and a
+        delete); elsewhere a temporary sibling moved over `name`."""
         if self.local:
             atomic_write_bytes(self.path(name), data)
+            return
+        if self.object_store:
+            self.fs.pipe_file(self.path(name), data)
             return
         folder, _, base = self.path(name).rpartition("/")
         tmp = f"{folder}/.{base}.{secrets.token_hex(6)}.tmp"

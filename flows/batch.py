@@ -7,6 +7,7 @@ a growing file only computes the new lines.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,12 @@ from stagediff.batch import (
 from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.engine import Item
 from stagediff.family import family_for
+from stagediff.flows.fanout import ReplicaFailed, failure, run_replicas, share_jobs
 from stagediff.flows.running import run_name, start_engine
 from stagediff.flows.ui import caption, gallery, items_table
 from stagediff.jobs import ItemRef
 from stagediff.progress import Progress
+from stagediff.replica import plan_replicas
 from stagediff.request import ImageSettings, Placement, RunOptions, check_store, resolve_settings, validate_request
 
 
@@ -46,6 +49,9 @@ def batch(
     seed: int = 0,
     placement: Placement = Placement(),  # noqa: B008
     options: RunOptions = RunOptions(),  # noqa: B008
+    replicas: int | None = None,
+    device_groups: list[str] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Generate an image for every item of a prompts file that is not in the batch folder yet.
 
@@ -58,6 +64,9 @@ def batch(
         seed: Base seed: an item without its own seed uses seed + its position (0-based) in the file.
         placement: dtype, batch size, memory per device, offload folder, VAE tiling and slicing.
         options: Strict (stop at a damaged artifact), retries of a failed stage, chunk size (empty: automatic).
+        replicas: Data-parallel replicas on this machine, each over a contiguous share of the items to do.
+        device_groups: Instead of replicas: one replica per group of GPU indexes, e.g. ["0,1", "2,3"].
+        threads: On a machine without GPUs, torch threads per replica (default: the cores shared out).
     """
     logger = get_run_logger()
     # 1. Check the parameters, then every line of the file (before any model is built or loaded, and before
@@ -65,6 +74,8 @@ def batch(
     fields = dict(prompts=["-"], run_id="batch", seed=seed, settings=settings, placement=placement)
     validate_request(**fields, model=model or str(default_model_dir()), check_model=False)
     rows = check_batch(prompts_file, store, seed)
+    fan_out = replicas is not None or device_groups is not None or threads is not None
+    groups = plan_replicas(replicas, device_groups, None, None, threads) if fan_out else None
     request = validate_request(**fields, model=model or str(ensure_default_model()))
     store_dir = Path(store)
 
@@ -105,18 +116,33 @@ def batch(
                 for index, ref in refs.items():
                     blobs.materialize("images", ref.key, store_dir / by_position[index].image)
                 record_images(manifest, run, {by_position[i].id: ref.sha256 for i, ref in refs.items()})
-            run["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
+            if groups is None:
+                run["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
             write_batch_manifest(store_dir, manifest)
 
-        progress = Progress(len(todo))
-        progress.start()
         try:
-            engine.run(todo, keys, on_stored, progress)
+            if groups is None:
+                progress = Progress(len(todo))
+                progress.start()
+                engine.run(todo, keys, on_stored, progress)
+                progress.finish()
+            else:  # data-parallel replicas over the items to do, gathered by item index
+                jobs = share_jobs(
+                    todo, groups, request.model, request.placement, options, artifact_store, None,
+                    store_dir / "replicas", f"fanout/batch-{run['run']}-{flow_run.id or os.getpid()}",
+                )  # fmt: skip
+                results, run["replicas"], failed = run_replicas(jobs, blobs, store_dir, None, None)
+                for result in results:
+                    found = {int(i): ItemRef(int(i), "images", f["keys"]["images"], f["sha256"]["images"])
+                             for i, f in result["items"].items()}  # fmt: skip
+                    on_stored("decode", found)
+                run["stages"] = {r["replica"]: r["stages"] for r in results}
+                if failed:
+                    raise ReplicaFailed(failure(failed, jobs))
         except BaseException as exc:
             finish_run(manifest, run, f"{type(exc).__name__}: {exc}")
             write_batch_manifest(store_dir, manifest)
             raise
-        progress.finish()
 
         # 4. Finish: the manifest, the item table and the gallery of the first new images
         finish_run(manifest, run)

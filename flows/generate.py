@@ -11,9 +11,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store, write_manifest
-from stagediff.default_model import default_model_dir, ensure_default_model
-from stagediff.engine import Item
-from stagediff.flows.running import run_name, start_engine
+from stagediff.engine import request_items
+from stagediff.flows.running import checked_request, run_name, start_engine
 from stagediff.flows.ui import caption, gallery, items_table
 from stagediff.progress import Progress
 from stagediff.request import (
@@ -22,10 +21,6 @@ from stagediff.request import (
     Placement,
     Prompts,
     RunOptions,
-    check_store,
-    new_run_id,
-    resolve_settings,
-    validate_request,
 )
 from stagediff.run_manifest import open_manifest, plan, record
 
@@ -53,13 +48,7 @@ def generate(
     """
     logger = get_run_logger()
     # 1. Check inputs (before any model is built or loaded, and before anything is written)
-    fields = dict(
-        prompts=prompts.prompts, negative_prompts=prompts.negative_prompts, seed=prompts.seed,
-        settings=settings, placement=placement, out=output.out, run_id=output.run_id or new_run_id(),
-    )  # fmt: skip
-    validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)
-    store_location = check_store(output.store, output.out)
-    request = validate_request(**fields, model=model or str(ensure_default_model()))
+    request, store_location = checked_request(prompts, settings, model, placement, output)
     run_dir = request.run_dir
     manifest = open_manifest(request)
 
@@ -73,9 +62,8 @@ def generate(
         options,
         name=None if output.run_id else f"generate {request.run_id}",  # else named so at its creation
     )
-    resolved = resolve_settings(request.settings, request.model)
-    negatives = request.negative_prompts or [None] * len(request.prompts)
-    items = [Item(i, prompt, negatives[i], request.seed + i, resolved) for i, prompt in enumerate(request.prompts)]
+    items = request_items(request)
+    resolved = items[0].settings
     keys = {item.index: engine.keys(item) for item in items}
     store = Store(store_location)
     plan(manifest, keys, store, resolved, engine.ctx.dtype)

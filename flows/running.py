@@ -8,12 +8,21 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from stagediff.engine import Engine
+from stagediff.default_model import default_model_dir, ensure_default_model
+from stagediff.engine import Engine, build_engine
 from stagediff.flows.ui import label_flow_run, model_tag, stage_tags
 from stagediff.isolation import warm_up
-from stagediff.jobs import StageContext
-from stagediff.keys import model_identity, resolve_dtype
-from stagediff.request import Placement, RunOptions
+from stagediff.request import (
+    GenerateRequest,
+    ImageSettings,
+    Output,
+    Placement,
+    Prompts,
+    RunOptions,
+    check_store,
+    new_run_id,
+    validate_request,
+)
 
 
 def start_engine(
@@ -29,33 +38,31 @@ def start_engine(
     `name`: a new name for the flow run (when its first one could not know its run id)."""
     warm_up(model)  # the stage forkserver imports torch and the model's classes while the run is planned
     label_flow_run(name, model_tag(model_arg))
-    ctx = StageContext(
-        model=model,
-        work_dir=work_dir,
-        store=store,
-        dtype=resolve_dtype(placement.dtype),  # "auto" is asked of a stage process: never torch here
-        batch_size=placement.batch_size,
-        max_memory=placement.max_memory,
-        offload_dir=placement.offload_dir,
-    )
-    return Engine(
-        ctx=ctx,
-        identity=model_identity(model),
-        tiled_decode=placement.tiled_decode,
-        sliced_decode=placement.sliced_decode,
-        strict=options.strict,
-        retries=options.retries,
-        chunk_size=options.chunk_size,
-        tags=stage_tags(model_arg),  # only tags a concurrency limit exists for
-        logger=get_run_logger(),
-    )
+    return build_engine(
+        model, placement, store, work_dir, options, tags=stage_tags(model_arg), logger=get_run_logger()
+    )  # stage tasks carry only the tags a concurrency limit exists for
+
+
+def checked_request(
+    prompts: Prompts, settings: ImageSettings, model: str | None, placement: Placement, output: Output
+) -> tuple[GenerateRequest, str]:
+    """A generate-style flow's request and store, checked before any model is built or loaded and before
+    anything is written (the embedded default model is built only once the rest has passed)."""
+    fields = dict(
+        prompts=prompts.prompts, negative_prompts=prompts.negative_prompts, seed=prompts.seed,
+        settings=settings, placement=placement, out=output.out, run_id=output.run_id or new_run_id(),
+    )  # fmt: skip
+    validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)
+    store = check_store(output.store, output.out)
+    return validate_request(**fields, model=model or str(ensure_default_model())), store
 
 
 def run_name() -> str:
-    """A flow run's name: `generate RUN_ID` or `batch FILE` (a run id made inside the flow renames it later)."""
-    params = flow_run.parameters or {}
+    """A flow run's name: `generate RUN_ID`, `fanout RUN_ID` or `batch FILE` (a run id made inside the flow
+    renames it later)."""
+    params, name = flow_run.parameters or {}, flow_run.flow_name or "run"
     if "prompts_file" in params:
-        return f"batch {Path(str(params['prompts_file'])).name}"
+        return f"{name} {Path(str(params['prompts_file'])).name}"
     output = params.get("output")
     run_id = output.get("run_id") if isinstance(output, dict) else getattr(output, "run_id", None)
-    return f"generate {run_id}" if run_id else "generate"
+    return f"{name} {run_id}" if run_id else name

@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--run-id", help="plain name of the run folder (default: a new timestamped name)")
     gen.add_argument("--store", help="artifact store shared by runs: a folder or fsspec URL (default: OUT/.store)")
     add_run_options(gen)
+    fan = gen.add_argument_group("fan-out (data-parallel replicas; see README)")
+    fan.add_argument("--replicas", type=int, help="replicas, each over a contiguous share of the prompts")
+    fan.add_argument("--device-groups", metavar='"0,1;2,3"', help="one replica per group of GPU indexes")
+    fan.add_argument("--pool", help="a work pool: each share runs as a flow run of its replica/POOL deployment")
+    fan.add_argument("--threads", type=int, help="without GPUs: torch threads per replica (default: cores / replicas)")
+    fan.add_argument(
+        "--storage-options", metavar="JSON", help='fsspec options of a URL store, e.g. {"endpoint_url": ...}'
+    )
 
     batch = commands.add_parser("batch", help="an image for every item of a prompts file the store lacks")
     batch.add_argument("prompts_file", metavar="FILE", help=".txt (a prompt a line), .jsonl or .csv (see README)")
@@ -94,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(batch, " (of items without their own)")
     add_placement(batch)
     add_run_options(batch)
+    fan = batch.add_argument_group("fan-out (data-parallel replicas on this machine; see README)")
+    fan.add_argument("--replicas", type=int, help="replicas, each over a contiguous share of the items to do")
+    fan.add_argument("--device-groups", metavar='"0,1;2,3"', help="one replica per group of GPU indexes")
+    fan.add_argument("--threads", type=int, help="without GPUs: torch threads per replica (default: cores / replicas)")
 
     resume = commands.add_parser("resume", help="finish a run: compute only what its store lacks")
     resume.add_argument("run", metavar="OUT/RUN", help="the run folder (its manifest.json holds the request)")
@@ -164,6 +176,14 @@ def run_options_of(args: argparse.Namespace) -> RunOptions:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    request = request_of(args)
+    if any(getattr(args, name) is not None for name in ("replicas", "device_groups", "pool", "threads")):
+        return run_fanout(request, args, run_options_of(args))
+    return run_flow(request, args.model, args.store, run_options_of(args))
+
+
+def request_of(args: argparse.Namespace) -> GenerateRequest:
+    """The checked request of `stagediff generate`'s options (also `stagediff.launch`'s)."""
     prompts = args.prompts if args.prompts is not None else read_prompts_file(args.prompts_file)
     settings = settings_of(args) | dict(
         true_cfg_scale=args.true_cfg_scale,
@@ -176,8 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         settings=settings, placement=placement_of(args), out=args.out, run_id=args.run_id or new_run_id(),
     )  # fmt: skip
     model = args.model or str(default_model_dir())
-    request = validate_request(**fields, model=model, check_model=args.model is not None)
-    return run_flow(request, args.model, args.store, run_options_of(args))
+    return validate_request(**fields, model=model, check_model=args.model is not None)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -231,6 +250,49 @@ def run_flow(request: GenerateRequest, model: str | None, store: str | None, opt
     return 0
 
 
+def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunOptions) -> int:
+    """The fan-out flow for a checked request: every fan-out option is checked first, nothing written."""
+    from stagediff.replica import plan_replicas
+    from stagediff.run_manifest import open_manifest
+
+    groups = plan_replicas(args.replicas, args.device_groups, args.pool, args.store, args.threads)
+    storage_options = parse_json_object("storage_options", args.storage_options)
+    check_store(args.store, request.out)
+    open_manifest(request)
+
+    from stagediff.prefect_api import choose_api
+
+    choose_api()
+    from stagediff.flows.fanout import fanout
+    from stagediff.request import Output, Prompts
+
+    prompts = Prompts(prompts=request.prompts, negative_prompts=request.negative_prompts, seed=request.seed)
+    output = Output(out=request.out, run_id=request.run_id, store=args.store)
+    device_groups = [g["devices"] for g in groups] if args.device_groups is not None else None
+    manifest = fanout(prompts, request.settings, args.model, request.placement, output, options,
+                      replicas=None if device_groups else len(groups), device_groups=device_groups, pool=args.pool,
+                      threads=args.threads, storage_options=storage_options)  # fmt: skip
+    run_dir = request.run_dir
+    print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
+    for replica in manifest["replicas"]:
+        where = replica.get("flow_run_id") or f"pid {replica.get('pid')}"
+        print(f"  replica {replica['replica']}  {replica['status']:9s} {len(replica['items']):4d} items  {where}"
+              f"  devices {replica['devices']}  threads {replica['threads']}")  # fmt: skip
+    return 0
+
+
+def parse_json_object(parameter: str, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise RequestError(parameter, value, 'must be a JSON object, e.g. {"endpoint_url": "http://127.0.0.1:9000"}')
+    return parsed
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     """The batch flow over a prompts file; every line is checked here, before Prefect or torch is imported."""
     from stagediff.batch import BatchFileError, check_batch
@@ -241,6 +303,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         **fields, model=args.model or str(default_model_dir()), check_model=args.model is not None
     )
     options = run_options_of(args)
+    device_groups = None
+    if any(getattr(args, name) is not None for name in ("replicas", "device_groups", "threads")):
+        from stagediff.replica import plan_replicas
+
+        groups = plan_replicas(args.replicas, args.device_groups, None, None, args.threads)
+        device_groups = [group["devices"] for group in groups] if args.device_groups is not None else None
     try:
         items = check_batch(args.prompts_file, args.store, args.seed)
     except BatchFileError as exc:
@@ -253,7 +321,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     with progress_bars():
         manifest = batch(args.prompts_file, args.store, request.settings, args.model, args.seed, request.placement,
-                         options)  # fmt: skip
+                         options, args.replicas, device_groups, args.threads)  # fmt: skip
     run = manifest["runs"][-1]
     done = sum(entry["status"] == "done" for entry in manifest["items"])
     print(f"\n{len(items)} items in {args.prompts_file}: {run['computed']} computed, {run['skipped']} done before")

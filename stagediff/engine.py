@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stagediff.artifacts import ArtifactError, Store
+from stagediff.isolation import run_stage_process
 from stagediff.jobs import (
     KIND_OF_STAGE,
     STAGES,
@@ -36,9 +37,9 @@ from stagediff.jobs import (
     StageContext,
     StageResult,
 )
-from stagediff.keys import ModelIdentity, item_keys
+from stagediff.keys import ModelIdentity, item_keys, model_identity, resolve_dtype
 from stagediff.progress import Progress
-from stagediff.tasks import run_stage
+from stagediff.request import GenerateRequest, Placement, RunOptions, resolve_settings
 
 FIRST_CHUNK = 64  # items in the first chunk: up to this many, a run loads each model once
 MAX_RELOAD_SHARE = 0.03  # later chunks are sized so that loading again costs at most this share of their work
@@ -72,6 +73,7 @@ class StageRecord:
     processes: list[dict[str, Any]] = field(default_factory=list)  # one per stage process: pid, items, loads, ...
     device_map: dict[str, str] | None = None
     warnings: list[str] = field(default_factory=list)
+    environment: dict[str, Any] | None = None  # the device setting its processes saw (CUDA_VISIBLE_DEVICES, threads)
 
     def to_dict(self) -> dict[str, Any]:
         first = self.processes[0] if self.processes else {}
@@ -89,6 +91,7 @@ class StageRecord:
             "loads": sum(p["loads"] for p in self.processes),
             "device_map": self.device_map,
             "warnings": self.warnings,
+            "environment": self.environment,
             "processes": self.processes,
         }
 
@@ -105,6 +108,7 @@ class Engine:
     retries: int = 0
     chunk_size: int | None = None  # None: FIRST_CHUNK, then sized from what the first chunk measured
     tags: set[str] = field(default_factory=set)  # stage task tags (device concurrency limits)
+    prefect_tasks: bool = True  # False: stage processes without Prefect tasks (torchrun ranks, local replicas)
     logger: logging.Logger | logging.LoggerAdapter = log
     stages: dict[str, StageRecord] = field(default_factory=dict)  # a stage appears once it has been checked
 
@@ -151,7 +155,7 @@ class Engine:
         progress: Progress,
     ) -> list[StageResult]:
         """encode -> denoise -> decode for one chunk; the results of the stage processes that loaded a model."""
-        store = Store(self.ctx.store)
+        store = self.ctx.open_store()
         refs: dict[int, ItemRef] = {}
         measured = []
         for stage in STAGES:
@@ -165,17 +169,23 @@ class Engine:
                 progress.todo(stage, len(todo))
                 self.logger.info("%s: %d of %d items to compute [%s]", stage, len(todo), len(chunk), label)
                 job = self.job(stage, todo, keys, refs)
-                task = run_stage.with_options(
-                    name=stage, task_run_name=f"{stage} [{label}]", retries=self.retries,
-                    tags=self.tags,
-                )  # fmt: skip
-                result = task(stage, job, on_item=lambda index, stage=stage: progress.stored(stage, index))
+                on_item = lambda index, stage=stage: progress.stored(stage, index)  # noqa: E731
+                if self.prefect_tasks:
+                    from stagediff.tasks import run_stage  # the flows' Prefect task (imports Prefect)
+
+                    task = run_stage.with_options(
+                        name=stage, task_run_name=f"{stage} [{label}]", retries=self.retries, tags=self.tags
+                    )
+                    result = task(stage, job, on_item=on_item)
+                else:
+                    result = run_stage_process(stage, job, on_item, self.logger)
                 found |= self.collect(store, kind, todo, keys, result)
                 record.computed += [item.index for item in todo]
                 record.processes.append({**result.process, "items": sorted(r.index for r in result.items),
                                          "loads": result.loads, "load_seconds": result.load_seconds,
                                          "compute_seconds": result.compute_seconds})  # fmt: skip
                 record.device_map = record.device_map or result.device_map
+                record.environment = record.environment or result.environment
                 record.warnings += [w for w in result.warnings if w not in record.warnings]
                 if result.loads:
                     measured.append(result)
@@ -237,6 +247,45 @@ class Engine:
                     raise ArtifactError(f"{kind} stage ended without writing {name}")
                 refs[item.index] = ItemRef(item.index, kind, record.key, record.sha256)
         return refs
+
+
+def request_items(request: GenerateRequest) -> list[Item]:
+    """A `generate` request's items: prompt i with its negative prompt, seed + i and the resolved settings."""
+    settings = resolve_settings(request.settings, request.model)
+    negatives = request.negative_prompts or [None] * len(request.prompts)
+    return [Item(i, p, negatives[i], request.seed + i, settings) for i, p in enumerate(request.prompts)]
+
+
+def build_engine(
+    model: str,
+    placement: Placement,
+    store: str,
+    work_dir: str,
+    options: RunOptions,
+    store_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Engine:
+    """The engine of a run over `model` with these placement and run options; `kwargs`: Engine's other fields."""
+    ctx = StageContext(
+        model=model,
+        work_dir=work_dir,
+        store=store,
+        dtype=resolve_dtype(placement.dtype),  # "auto" is asked of a stage process: never torch here
+        batch_size=placement.batch_size,
+        max_memory=placement.max_memory,
+        offload_dir=placement.offload_dir,
+        store_options=store_options,
+    )
+    return Engine(
+        ctx=ctx,
+        identity=model_identity(model),
+        tiled_decode=placement.tiled_decode,
+        sliced_decode=placement.sliced_decode,
+        strict=options.strict,
+        retries=options.retries,
+        chunk_size=options.chunk_size,
+        **kwargs,
+    )
 
 
 def order_by_group(items: list[Item]) -> list[Item]:

@@ -283,3 +283,41 @@ def run_isolated(
         logger.debug("%s stage traceback:\n%s", name, outcome[2])
         raise StageError(f"{name} stage failed: {outcome[1]}")
     return outcome[1], stats
+
+
+# The stages by name: the only place that says where each stage's function lives.
+STAGE_FUNCTIONS = {
+    "encode": "stagediff.stages.encode:encode",
+    "denoise": "stagediff.stages.denoise:denoise",
+    "decode": "stagediff.stages.decode:decode",
+}
+
+
+def run_stage_process(
+    stage: str,
+    job: Any,
+    on_item: Callable[[int], None] | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> Any:
+    """Run one stage's job (`stagediff.jobs`) in a fresh process; return its StageResult with the process' stats.
+
+    `on_item(index)` is called as each item is stored. The stage task's body; also run without Prefect
+    (a fan-out's local replicas, torchrun ranks)."""
+    logger = logger or log
+
+    def on_event(event: str, value: Any) -> None:
+        if event == "item" and on_item is not None:
+            on_item(value)
+
+    result, stats = run_isolated(STAGE_FUNCTIONS[stage], job, name=stage, logger=logger, on_event=on_event)
+    result.process = stats.to_dict()
+    logger.info(
+        "%s finished in process %d: %.2f s (start-up %.2f s, loading %.2f s), peak RSS %.0f MB",
+        stage,
+        stats.pid,
+        stats.seconds,
+        stats.startup_seconds,
+        result.load_seconds,
+        stats.peak_rss_mb,
+    )
+    return result

@@ -9,7 +9,10 @@ artifact is written under) and what it gives (`StageResult`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from stagediff.artifacts import Store
 
 Kind = Literal["embeddings", "latents", "images"]
 # The one set of artifact kinds: what each stage writes, in stage order.
@@ -28,6 +31,12 @@ class StageContext:
     batch_size: int = 1
     max_memory: dict[str, str] | None = None
     offload_dir: str | None = None
+    store_options: dict[str, Any] | None = None  # fsspec storage options of a URL store
+
+    def open_store(self) -> Store:
+        from stagediff.artifacts import Store
+
+        return Store(self.store, self.store_options)
 
 
 @dataclass(frozen=True)
@@ -123,4 +132,5 @@ class StageResult:
     loads: int = 0  # how many times this process loaded its models (0 when the store had everything)
     load_seconds: float = 0.0
     compute_seconds: float = 0.0  # everything after loading: the items' work, reads and writes
+    environment: dict | None = None  # what the process saw: CUDA_VISIBLE_DEVICES and torch's thread count
     process: dict | None = None  # set by the parent: pid, seconds, start-up, peak RSS (isolation.ProcessStats)

@@ -76,3 +76,15 @@ def record(
         item["sha256"][kind] = ref.sha256
     manifest["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
     write_manifest(run_dir, manifest)
+
+
+def gather(manifest: dict[str, Any], run_dir: Path, store: Store, results: list[dict[str, Any]]) -> None:
+    """Link every item the replicas computed into the run folder (in request order, by item index) and note
+    its keys and sha256; `results` are the replicas' (`replica.run_replica`)."""
+    for result in results:
+        for index, found in result["items"].items():
+            item = manifest["items"][int(index)]
+            item["keys"] = found["keys"]
+            for kind, key in found["keys"].items():
+                store.materialize(kind, key, run_dir / item[FILE_FIELD[kind]])
+                item["sha256"][kind] = found["sha256"][kind]

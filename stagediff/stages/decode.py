@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from stagediff.artifacts import Store
 from stagediff.family import family_for, model_index
 from stagediff.jobs import DecodeJob, ItemRef, StageContext, StageResult
 from stagediff.stages.devices import accelerator_count
@@ -39,7 +38,7 @@ def load_decoder(ctx: StageContext, tiled: bool = False, sliced: bool = False):
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
 def decode(job: DecodeJob) -> StageResult:
     """Decode the latents whose images the store lacks, in batches of one size; store PNGs under their keys."""
-    ctx, family, store = job.ctx, family_for(job.ctx.model), Store(job.ctx.store)
+    ctx, family, store = job.ctx, family_for(job.ctx.model), job.ctx.open_store()
     result = StageResult()
     models = Loaded(lambda: load_decoder(ctx, job.tiled, job.sliced), result)
     for batch in batches(store, "images", job.items, lambda item: (item.height, item.width), ctx.batch_size):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from stagediff.artifacts import Store
 from stagediff.family import family_for, model_index, vae_scale_factor
 from stagediff.jobs import DenoiseJob, ItemRef, StageContext, StageResult
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count, device_map_of, torch_dtype
@@ -68,7 +67,7 @@ def load_denoiser(ctx: StageContext):
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
 def denoise(job: DenoiseJob) -> StageResult:
     """Denoise the items whose latents the store lacks, in batches of one setting; store each under its key."""
-    ctx, family, store = job.ctx, family_for(job.ctx.model), Store(job.ctx.store)
+    ctx, family, store = job.ctx, family_for(job.ctx.model), job.ctx.open_store()
     result = StageResult()
     models = Loaded(lambda: load_denoiser(ctx), result)
     for n, batch in enumerate(batches(store, "latents", job.items, lambda item: item.settings, ctx.batch_size), 1):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from stagediff.artifacts import Store
 from stagediff.family import family_for
 from stagediff.jobs import EncodeJob, ItemRef, StageContext, StageResult
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count
@@ -49,7 +48,7 @@ def encode(job: EncodeJob) -> StageResult:
 
     The family decides which tensors an item gets (with or without negative embeddings).
     """
-    ctx, family, store = job.ctx, family_for(job.ctx.model), Store(job.ctx.store)
+    ctx, family, store = job.ctx, family_for(job.ctx.model), job.ctx.open_store()
     result = StageResult()
     models = Loaded(lambda: load_text_encoders(ctx), result)
     group_of = lambda item: (item.max_sequence_length, item.negative_prompt is not None)  # noqa: E731

@@ -37,11 +37,19 @@ def batches(store: Store, kind: str, items: list[T], group_of: Callable[[T], Has
 
 
 class Loaded:
-    """A stage's models, loaded on first use (a stage with nothing to compute loads nothing), timed."""
+    """A stage's models, loaded on first use (a stage with nothing to compute loads nothing), timed; it also
+    applies and notes the process' device setting."""
 
     def __init__(self, load: Callable[[], Any], result: StageResult) -> None:
         self.load, self.result, self.value = load, result, None
         self.started = time.perf_counter()
+        threads = os.environ.get("STAGEDIFF_TORCH_THREADS")  # a replica's share of the cores
+        if threads:
+            torch.set_num_threads(int(threads))
+        result.environment = {
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "torch_threads": torch.get_num_threads(),
+        }
 
     def get(self) -> Any:
         if self.value is None:

@@ -1,0 +1,86 @@
+"""The seeds' launchers, for users who already run them: every rank takes its share of the prompts.
+
+    torchrun --standalone --nproc_per_node N -m stagediff.launch [stagediff generate's options]
+    accelerate launch --num_processes N -m stagediff.launch [stagediff generate's options]
+
+Each rank takes a contiguous share with accelerate's `split_between_processes` (no padded copies), runs
+it as a replica (its own stage processes, on its own GPU, or with its share of the cores) into the same
+store, and rank 0 gathers every rank's store keys by global item index (not `gather_object(...)[:n]`,
+which scrambles the order when shares are padded: accelerate issue 3483) and writes the run folder
+and its manifest. No Prefect here: the launcher is the orchestrator.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from stagediff.artifacts import write_manifest
+from stagediff.cli import EXIT_BAD_INPUT, build_parser, request_of, run_options_of
+from stagediff.request import RequestError, check_store
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        request = request_of(args)
+        options = run_options_of(args)
+        store_location = check_store(args.store, request.out)
+    except RequestError as exc:
+        print(f"stagediff: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from stagediff.default_model import ensure_default_model
+    from stagediff.engine import request_items
+    from stagediff.replica import ReplicaJob, replica_items, run_replica, visible_gpus
+    from stagediff.run_manifest import gather, open_manifest
+
+    gpus = visible_gpus()
+    state = PartialState(cpu=not gpus)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    if args.model is None:
+        if state.is_local_main_process:
+            ensure_default_model()
+        state.wait_for_everyone()
+        request = request.model_copy(update={"model": str(ensure_default_model())})
+    items = request_items(request)
+    resolved = items[0].settings
+    with state.split_between_processes(list(range(len(items)))) as indexes:
+        share = list(indexes)
+    rank = state.process_index
+    job = ReplicaJob(
+        replica=rank, model=request.model, items=replica_items(items, share), placement=request.placement,
+        options=options, store=store_location,
+        devices=gpus[state.local_process_index % len(gpus)] if gpus else None,
+        threads=None if gpus else max(1, (os.cpu_count() or 1) // local_world),
+        work_dir=str(request.run_dir / "replicas" / str(rank)), result=f"launch/{request.run_id}/{rank}.json",
+    )  # fmt: skip
+    started = time.time()
+    result = run_replica(job) if share else {"replica": rank, "items": {}, "stages": {}, "pid": os.getpid()}
+    result["seconds"] = round(time.time() - started, 3)
+    results = gather_object([result])  # every rank's, in rank order
+    if state.is_main_process:
+        from stagediff.artifacts import Store
+
+        manifest = open_manifest(request)
+        store = Store(store_location)
+        manifest.update(settings=resolved.__dict__, store=store_location, status="completed",
+                        stages={r["replica"]: r["stages"] for r in results}, replicas=[])  # fmt: skip
+        gather(manifest, request.run_dir, store, results)
+        for r in results:
+            manifest["replicas"].append({"replica": r["replica"], "pid": r["pid"], "devices": r.get("devices"),
+                                         "threads": r.get("threads"), "items": sorted(map(int, r["items"])),
+                                         "seconds": r["seconds"], "status": "completed"})  # fmt: skip
+        write_manifest(request.run_dir, manifest)
+        store.register_run(request.run_dir / "manifest.json")
+        print(f"{len(items)} images over {state.num_processes} ranks in {request.run_dir / 'images'}")
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

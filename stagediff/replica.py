@@ -1,0 +1,224 @@
+"""Data-parallel replicas: a run's items cut into contiguous shares, each an engine run of its own.
+
+A replica is one process (a subprocess of the fan-out flow, a flow run on a pool worker, or a
+torchrun/accelerate rank) whose stage processes see only its devices (`CUDA_VISIBLE_DEVICES`) or,
+without GPUs, its share of the cores. It writes into the shared store and returns only store keys:
+whoever started it gathers the items by index. Item i is seeded with `seed + i` wherever it runs,
+so its image is the one a single replica would make.
+
+    python -m stagediff.replica JOB.json    # one local replica (the fan-out flow starts this)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stagediff.artifacts.store import is_url
+from stagediff.jobs import DenoiseSettings
+from stagediff.request import Placement, RequestError, RunOptions
+
+log = logging.getLogger("stagediff.replica")
+
+
+class ReplicaItem(BaseModel):
+    """One item of a share, resolved (its settings are the run's, defaults filled in)."""
+
+    index: int
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int
+    settings: dict[str, Any]  # DenoiseSettings' fields
+
+
+class ReplicaJob(BaseModel):
+    """What one replica computes and where: its share of the items, the model, the store, its devices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replica: int = Field(ge=0, description="0-based replica number.")
+    model: str
+    items: list[ReplicaItem]
+    placement: Placement = Field(default_factory=Placement)
+    options: RunOptions = Field(default_factory=RunOptions)
+    store: str = Field(description="The shared artifact store: a folder (one machine) or a URL.")
+    store_options: dict[str, Any] | None = None
+    devices: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES of its processes; None: as given.")
+    threads: int | None = Field(default=None, ge=1, description="torch threads of its stage processes.")
+    work_dir: str | None = Field(default=None, description="Its folder for offloaded weights; None: a temporary one.")
+    result: str = Field(description="Store-relative name its result is written to (what the parent gathers).")
+
+
+def split(count: int, shares: int) -> list[range]:
+    """Contiguous shares of `count` items, as accelerate's `split_between_processes` cuts them: the first
+    `count % shares` one item longer; with more shares than items, the last ones are empty. No padding."""
+    size, extra = divmod(count, shares)
+    ranges, start = [], 0
+    for share in range(shares):
+        stop = start + size + (1 if share < extra else 0)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+def parse_device_groups(value: str | list[str]) -> list[str]:
+    """ "0,1;2,3" (or ["0,1", "2,3"]) -> ["0,1", "2,3"]; ValueError naming what is wrong."""
+    groups = value.split(";") if isinstance(value, str) else list(value)
+    groups = [group.replace(" ", "") for group in groups]
+    seen: set[str] = set()
+    for group in groups:
+        devices = group.split(",")
+        if not group or not all(device.isdigit() for device in devices):
+            raise ValueError('must be device groups such as "0,1;2,3": GPU indexes, "," within a group, ";" between')
+        if seen & set(devices):
+            raise ValueError("a device may belong to one group only")
+        seen |= set(devices)
+    return groups
+
+
+def plan_replicas(
+    replicas: int | None,
+    device_groups: str | list[str] | None,
+    pool: str | None,
+    store: str | None,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Each replica's devices and threads, or RequestError (one line) before anything is written.
+
+    `threads`: torch threads per replica on a machine without GPUs (default: the cores shared out).
+    More replicas than items is allowed: the extra ones stay idle (they start no process)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise RequestError("threads", threads, "must be an integer >= 1")
+    if replicas is not None and device_groups is not None:
+        raise RequestError("replicas", replicas, "give replicas or device_groups, not both")
+    if pool is not None and (store is None or not is_url(store)):
+        allowed = "a pool's replicas run on other machines: the store must be a URL they all reach (s3://...)"
+        raise RequestError("store", store, allowed)
+    if device_groups is not None:
+        try:
+            groups = parse_device_groups(device_groups)
+        except ValueError as exc:
+            raise RequestError("device_groups", device_groups, str(exc)) from None
+        return [{"devices": group, "threads": None} for group in groups]
+    if replicas is None:
+        replicas = 1
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise RequestError("replicas", replicas, "must be an integer >= 1")
+    if pool is not None:
+        return [{"devices": None, "threads": None} for _ in range(replicas)]  # the workers decide
+    gpus = visible_gpus()
+    if gpus:
+        if replicas > len(gpus):
+            raise RequestError("replicas", replicas, f"must be at most the {len(gpus)} GPUs of this machine")
+        per = len(gpus) // replicas
+        return [{"devices": ",".join(gpus[r * per : (r + 1) * per]), "threads": None} for r in range(replicas)]
+    threads = threads or max(1, (os.cpu_count() or 1) // replicas)  # no GPU: the cores shared out
+    return [{"devices": None, "threads": threads} for _ in range(replicas)]
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them (without importing torch)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    folder = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(folder.iterdir())))] if folder.is_dir() else []
+
+
+def apply_devices(job: ReplicaJob) -> None:
+    """Pin this process' stage processes to the replica's devices: set before the stage forkserver starts,
+    which they are forked from (and `STAGEDIFF_TORCH_THREADS`, which every stage process applies)."""
+    if job.devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = job.devices
+    if job.threads is not None:
+        os.environ["STAGEDIFF_TORCH_THREADS"] = str(job.threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(job.threads))
+
+
+def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None) -> dict[str, Any]:
+    """Compute the share's items into the store; return, per item index, its store keys and sha256."""
+    from stagediff.engine import Item, build_engine
+    from stagediff.isolation import warm_up
+
+    started = time.time()
+    apply_devices(job)
+    warm_up(job.model)
+    work_dir = job.work_dir or tempfile.mkdtemp(prefix=f"stagediff-replica-{job.replica}-")
+    engine = build_engine(
+        job.model, job.placement, job.store, work_dir, job.options, job.store_options,
+        prefect_tasks=prefect_tasks, logger=logger or log,
+    )  # fmt: skip
+    items = [
+        Item(i.index, i.prompt, i.negative_prompt, i.seed, DenoiseSettings(**_tuples(i.settings))) for i in job.items
+    ]
+    keys = {item.index: engine.keys(item) for item in items}
+    sha256: dict[int, dict[str, str]] = {item.index: {} for item in items}
+
+    def on_stored(stage: str, refs: dict) -> None:
+        for index, ref in refs.items():
+            sha256[index][ref.kind] = ref.sha256
+
+    engine.run(items, keys, on_stored)
+    result = {
+        "replica": job.replica,
+        "pid": os.getpid(),
+        "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "threads": job.threads,
+        "dtype": engine.ctx.dtype,
+        "seconds": round(time.time() - started, 3),
+        "items": {str(index): {"keys": keys[index], "sha256": sha256[index]} for index in keys},
+        "stages": {name: info.to_dict() for name, info in engine.stages.items()},
+    }
+    engine.ctx.open_store().write(job.result, json.dumps(result).encode())
+    return result
+
+
+def _tuples(settings: dict[str, Any]) -> dict[str, Any]:
+    """JSON lists back to the tuples DenoiseSettings holds (they are part of the keys)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+
+
+def replica_items(items: list, indexes: range) -> list[ReplicaItem]:
+    """The `engine.Item`s at `indexes` as a share's items."""
+    share = [items[n] for n in indexes]
+    return [
+        ReplicaItem(index=i.index, prompt=i.prompt, negative_prompt=i.negative_prompt, seed=i.seed,
+                    settings=asdict(i.settings))
+        for i in share
+    ]  # fmt: skip
+
+
+def _exit_with_parent() -> None:
+    """A local replica's stdin is a pipe from the flow process: when that process dies, so does the replica
+    (and its stage processes, which watch it in turn)."""
+    sys.stdin.read()
+    os._exit(70)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stagediff.replica JOB.json`: one replica; its result goes to the store (`job.result`)."""
+    import threading
+
+    (job_path,) = argv or sys.argv[1:2]
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    job = ReplicaJob.model_validate_json(Path(job_path).read_text())
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    try:
+        run_replica(job)
+    except Exception as exc:
+        print(f"replica {job.replica} failed: {type(exc).__name__}: {exc}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

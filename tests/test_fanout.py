@@ -1,0 +1,154 @@
+"""Fan-out: data-parallel replicas on this machine (processes pinned to their devices or cores) and the
+seeds' launchers (torchrun, accelerate launch); every image equals a one-replica run's, in request order."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stagediff.cli import main
+from stagediff.replica import split
+from tests.reference import read_image, reference_images
+
+PROMPTS = ["a red dog", "a cat in the city", "a forest at night", "blue sky photo", "a lighthouse"]
+SMALL = {"steps": 2, "height": 64, "width": 64, "max_sequence_length": 16}
+ARGS = [arg for k, v in SMALL.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+PROMPT_ARGS = [arg for p in PROMPTS for arg in ("--prompt", p)]
+
+
+@pytest.fixture
+def api(prefect_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path) -> list[np.ndarray]:
+    """The plain diffusers pipeline, one prompt at a time, prompt i seeded with 3 + i."""
+    kwargs = dict(num_inference_steps=2, height=64, width=64, max_sequence_length=16)
+    return reference_images(tiny_model, PROMPTS, seed=3, **kwargs)
+
+
+def images(run_dir: Path) -> list[np.ndarray]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [item["prompt"] for item in manifest["items"]] == PROMPTS
+    return [read_image(run_dir / item["image"]) for item in manifest["items"]]
+
+
+def test_shares_are_contiguous_and_the_first_ones_longer() -> None:
+    assert split(5, 2) == [range(0, 3), range(3, 5)]
+    assert split(5, 4) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert split(2, 3) == [range(0, 1), range(1, 2), range(2, 2)]  # the extra replica idles
+
+
+@pytest.mark.parametrize(
+    ("option", "seen"),
+    [(["--replicas", "2"], "torch_threads"), (["--device-groups", "0;1"], "CUDA_VISIBLE_DEVICES")],
+    ids=["replicas", "device-groups"],
+)
+def test_two_replicas_over_five_prompts_equal_one_replica_in_order(
+    api, tiny_model: Path, expected: list[np.ndarray], tmp_path: Path, option: list[str], seen: str
+) -> None:
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(tiny_model), *PROMPT_ARGS, *ARGS, "--seed", "3", "--out", str(out),
+                 "--run-id", "fan", *option])  # fmt: skip
+    assert code == 0
+    for image, reference in zip(images(out / "fan"), expected, strict=True):
+        np.testing.assert_array_equal(image, reference)
+    manifest = json.loads((out / "fan" / "manifest.json").read_text())
+    replicas = manifest["replicas"]
+    assert [r["items"] for r in replicas] == [[0, 1, 2], [3, 4]]
+    assert [r["status"] for r in replicas] == ["completed", "completed"]
+    assert len({r["pid"] for r in replicas}) == 2 and os.getpid() not in {r["pid"] for r in replicas}
+    # each replica's stage processes saw its own device setting
+    if seen == "torch_threads":
+        assert [r["seen"]["torch_threads"] for r in replicas] == [max(1, os.cpu_count() // 2)] * 2
+    else:
+        assert [r["seen"]["CUDA_VISIBLE_DEVICES"] for r in replicas] == ["0", "1"]
+
+
+def test_more_replicas_than_prompts_leave_the_extra_ones_idle(api, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(tiny_model), *PROMPT_ARGS[:4], *ARGS, "--out", str(out),
+                 "--run-id", "idle", "--replicas", "3"])  # fmt: skip
+    assert code == 0
+    replicas = json.loads((out / "idle" / "manifest.json").read_text())["replicas"]
+    assert [(r["items"], r["status"]) for r in replicas] == [([0], "completed"), ([1], "completed"), ([], "idle")]
+
+
+@pytest.mark.parametrize(
+    ("option", "first_line"),
+    [
+        (["--replicas", "0"], "invalid replicas=0: must be an integer >= 1"),
+        (["--device-groups", "0,,1"], "invalid device_groups='0,,1': must be device groups such as"),
+        (["--device-groups", "0,1;1"], "invalid device_groups='0,1;1': a device may belong to one group only"),
+        (["--replicas", "2", "--device-groups", "0;1"], "invalid replicas=2: give replicas or device_groups"),
+        (["--pool", "gpu"], "invalid store=None: a pool's replicas run on other machines"),
+        (["--pool", "gpu", "--store", "local/store"], "invalid store='local/store': a pool's replicas run"),
+        (["--replicas", "2", "--storage-options", "[1]"], "invalid storage_options='[1]': must be a JSON object"),
+    ],
+)
+def test_bad_fan_out_input_is_one_line_with_status_2_and_writes_nothing(
+    tiny_model: Path, tmp_path: Path, capsys, option: list[str], first_line: str
+) -> None:
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(tiny_model), "--prompt", "a", *ARGS, "--out", str(out), *option])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"stagediff: error: {first_line}"), err
+    assert not out.exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_seeds_launchers_write_the_five_right_images_in_order(
+    tiny_model: Path, expected: list[np.ndarray], tmp_path: Path, launcher: str
+) -> None:
+    binary = Path(sys.executable).parent / launcher
+    port = str(free_port())
+    if launcher == "torchrun":
+        command = [str(binary), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port]
+    else:
+        command = [str(binary), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", port]  # fmt: skip
+    out = tmp_path / "out"
+    command += ["-m", "stagediff.launch", "--model", str(tiny_model), *PROMPT_ARGS, *ARGS, "--seed", "3"]
+    command += ["--out", str(out), "--run-id", "launched"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}  # no accelerate config of the user's
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for image, reference in zip(images(out / "launched"), expected, strict=True):
+        np.testing.assert_array_equal(image, reference)
+    replicas = json.loads((out / "launched" / "manifest.json").read_text())["replicas"]
+    assert [r["items"] for r in replicas] == [[0, 1, 2], [3, 4]] and len({r["pid"] for r in replicas}) == 2
+    assert shutil.which(str(binary))
+
+
+def test_a_batch_with_two_replicas_writes_every_line_s_image(
+    api, tiny_model: Path, expected: list[np.ndarray], tmp_path: Path
+) -> None:
+    prompts_file, folder = tmp_path / "p.txt", tmp_path / "batch"
+    prompts_file.write_text("".join(f"{p}\n" for p in PROMPTS))
+    args = ["batch", str(prompts_file), "--store", str(folder), "--model", str(tiny_model), *ARGS, "--seed", "3"]
+    assert main([*args, "--replicas", "2"]) == 0
+    manifest = json.loads((folder / "batch.json").read_text())
+    for entry, reference in zip(manifest["items"], expected, strict=True):
+        np.testing.assert_array_equal(read_image(folder / entry["image"]), reference)
+    run = manifest["runs"][-1]
+    assert [r["items"] for r in run["replicas"]] == [[0, 1, 2], [3, 4]] and run["status"] == "completed"
+    assert main([*args, "--replicas", "2"]) == 0  # nothing left to do: no replica has items
+    assert json.loads((folder / "batch.json").read_text())["runs"][-1]["computed"] == 0

@@ -1,0 +1,191 @@
+"""Fan-out across machines, simulated on loopback: a real Prefect server, two process workers on one pool
+with different CUDA_VISIBLE_DEVICES, and the store on an S3 API (moto's server mode on 127.0.0.1, the s3fs
+client). Runs in a pytest process of its own (it points this process' Prefect client at its own server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.reference import read_image, reference_images
+from tests.test_deployments import (
+    POOL,
+    REPO,
+    Stack,
+    drain_prefect_workers,
+    free_port,
+    stop,
+    succeeded,
+    tail,
+)
+
+PROMPTS = ["a red dog", "a cat in the city", "a forest at night", "blue sky photo", "a lighthouse"]
+SMALL = {"steps": 2, "height": 64, "width": 64, "max_sequence_length": 16}
+BUCKET = "stagediff-test"
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3 API on 127.0.0.1 (moto's server mode) with an empty bucket; its endpoint URL."""
+    logs = tmp_path_factory.mktemp("moto")
+    port = free_port()
+    with open(logs / "moto.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, tail(logs / "moto.log")
+            try:
+                httpx.get(endpoint, timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        httpx.put(f"{endpoint}/{BUCKET}", timeout=10).raise_for_status()
+        yield endpoint
+    finally:
+        stop(server)
+
+
+@pytest.fixture(scope="module")
+def pool(s3: str, tmp_path_factory: pytest.TempPathFactory, stagediff_cache: Path) -> Iterator[Stack]:
+    """Server, the pool, the `replica/<pool>` deployment and two workers (`--limit 1`), one per device group."""
+    home, logs = tmp_path_factory.mktemp("prefect-home"), tmp_path_factory.mktemp("logs")
+    api_url = f"http://127.0.0.1:{free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    env.update(AWS, PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_WORKER_QUERY_SECONDS="1", STAGEDIFF_CACHE=str(stagediff_cache), PWD=str(REPO),
+               STAGEDIFF_TEST_BATCH_DELAY="0.5")  # fmt: skip
+    stack, started = Stack(api_url, env, logs), []
+
+    def start(name: str, *args: str, **extra: str) -> None:
+        with open(logs / f"{name}.log", "w") as log:
+            started.append(subprocess.Popen([sys.executable, "-m", "prefect", *args], env={**env, **extra}, cwd=home,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+
+    try:
+        start("server", "server", "start", "--host", "127.0.0.1", "--port", api_url.split(":")[2].split("/")[0])
+        deadline = time.monotonic() + 180
+        while True:
+            assert time.monotonic() < deadline, tail(logs / "server.log")
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        succeeded(stack.prefect("work-pool", "create", POOL, "--type", "process"))
+        succeeded(stack.prefect("--no-prompt", "deploy", "--name", f"replica/{POOL}"))
+        for device in ("0", "1"):
+            start(f"worker-{device}", "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
+                  CUDA_VISIBLE_DEVICES=device)  # fmt: skip
+        yield stack
+    finally:
+        drain_prefect_workers(api_url)
+        for process in reversed(started):
+            stop(process)
+
+
+def fan_out(stack: Stack, s3: str, tiny_model: Path, out: Path, store: str, run_id: str) -> dict:
+    """The fan-out flow in this process, as `stagediff generate --pool` runs it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from stagediff.flows.fanout import fanout
+    from stagediff.request import ImageSettings, Output, Prompts
+
+    os.environ.update(AWS)
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        return fanout(Prompts(prompts=PROMPTS, seed=3), ImageSettings(**SMALL), str(tiny_model),
+                      output=Output(out=str(out), run_id=run_id, store=store), replicas=2, pool=POOL,
+                      storage_options={"endpoint_url": s3})  # fmt: skip
+
+
+def bucket(s3: str, prefix: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3, key="testing", secret="testing")
+    return [path.removeprefix(f"{BUCKET}/{prefix}/") for path in fs.find(f"{BUCKET}/{prefix}")]
+
+
+def test_two_workers_compute_the_shares_into_the_bucket_then_a_killed_share_is_rerun(
+    pool: Stack, s3: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    expected = reference_images(tiny_model, PROMPTS, seed=3, num_inference_steps=2, height=64, width=64,
+                                max_sequence_length=16)  # fmt: skip
+    manifest = fan_out(pool, s3, tiny_model, tmp_path, f"s3://{BUCKET}/one", "one")
+    assert [item["prompt"] for item in manifest["items"]] == PROMPTS
+    for item, reference in zip(manifest["items"], expected, strict=True):
+        np.testing.assert_array_equal(read_image(tmp_path / "one" / item["image"]), reference)
+    replicas = manifest["replicas"]
+    assert [r["items"] for r in replicas] == [[0, 1, 2], [3, 4]]
+    assert len({r["flow_run_id"] for r in replicas}) == 2
+    assert sorted(r["seen"]["CUDA_VISIBLE_DEVICES"] for r in replicas) == ["0", "1"]  # one per worker
+    objects = bucket(s3, "one")
+    for kind in ("embeddings", "latents", "images"):
+        assert len([name for name in objects if name.startswith(f"objects/{kind}/")]) == 2 * 5, objects
+    assert not [name for name in objects if ".tmp" in name]  # one PUT of the final key: no temporary objects
+
+    # Kill the run of the replica on device 1 while it denoises: the fan-out fails naming that share
+    killed: list[int] = []
+    thread = threading.Thread(target=kill_replica_on_device, args=("1", killed), daemon=True)
+    thread.start()
+    from stagediff.flows.fanout import ReplicaFailed
+
+    with pytest.raises(ReplicaFailed) as error:
+        fan_out(pool, s3, tiny_model, tmp_path, f"s3://{BUCKET}/two", "two")
+    thread.join(60)
+    assert killed, "no replica process found on device 1"
+    failed = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    share = next(r for r in failed["replicas"] if r["status"] == "failed")
+    named = f"replica {share['replica']} (items {share['items'][0]}-{share['items'][-1]})"
+    assert "1 of 2 replicas failed" in str(error.value) and named in str(error.value)
+    other = next(r for r in failed["replicas"] if r["status"] == "completed")
+
+    # The rerun computes only what the store lacks: nothing of the other share, the rest of the killed one
+    again = fan_out(pool, s3, tiny_model, tmp_path, f"s3://{BUCKET}/two", "two")
+    stages = {int(replica): info for replica, info in again["stages"].items()}
+    assert all(info["computed"] == [] for info in stages[other["replica"]].values())
+    assert stages[share["replica"]]["encode"]["computed"] == []  # encoded before the kill
+    assert 0 < len(stages[share["replica"]]["decode"]["computed"]) <= len(share["items"])
+    for item, reference in zip(again["items"], expected, strict=True):
+        np.testing.assert_array_equal(read_image(tmp_path / "two" / item["image"]), reference)
+
+
+def kill_replica_on_device(device: str, killed: list[int], timeout: float = 120) -> None:
+    """SIGKILL the flow-run process of the replica whose stage processes see CUDA_VISIBLE_DEVICES=device,
+    as soon as its denoise stage has started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for comm in Path("/proc").glob("[0-9]*/comm"):
+            try:
+                if comm.read_text().strip() != "stagediff-denoi":
+                    continue
+                environ = (comm.parent / "environ").read_bytes().split(b"\0")
+                if f"CUDA_VISIBLE_DEVICES={device}".encode() in environ:
+                    time.sleep(0.3)
+                    parent = int((comm.parent / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    forkserver_child_parent = parent  # the stage's parent is the forkserver: kill the flow run
+                    flow_run = flow_run_process(forkserver_child_parent)
+                    os.kill(flow_run, signal.SIGKILL)
+                    killed.append(flow_run)
+                    return
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.05)
+
+
+def flow_run_process(forkserver: int) -> int:
+    """The process that started the stage forkserver: the replica's flow-run process."""
+    return int(Path(f"/proc/{forkserver}/stat").read_text().rsplit(")", 1)[1].split()[1])
