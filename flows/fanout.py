@@ -12,8 +12,6 @@ only what the store lacks.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from stagediff.artifacts import Store, write_manifest
 from stagediff.engine import Item, request_items
 from stagediff.flows.running import checked_request, run_name
 from stagediff.flows.ui import label_flow_run, model_tag
+from stagediff.isolation import StageError, run_isolated, warm_up
 from stagediff.replica import ReplicaJob, plan_replicas, replica_items, split
 from stagediff.request import (
     ImageSettings,
@@ -43,37 +42,30 @@ class ReplicaFailed(RuntimeError):
 
 
 @task(name="replica", cache_policy=NONE)
-def local_replica(job: ReplicaJob, run_dir: Path) -> dict[str, Any]:
-    """One replica in a process of its own on this machine (`python -m stagediff.replica`); its log lines
-    become this task's."""
+def local_replica(job: ReplicaJob) -> dict[str, Any]:
+    """One replica in a process of its own on this machine, forked from the preloaded stage forkserver (a
+    fraction of a second, no second import of torch); its stage processes are its children, and its log
+    lines become this task's. If this process dies, the replica and its stages exit too."""
     logger = get_run_logger()
-    job_file = run_dir / "replicas" / f"{job.replica}.job.json"
-    job_file.parent.mkdir(parents=True, exist_ok=True)
-    job_file.write_text(job.model_dump_json())
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stagediff.replica", str(job_file)],
-        stdin=subprocess.PIPE,  # closed when this process dies: the replica exits too
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    last = ""
-    for line in process.stdout:
-        last = line.rstrip() or last
-        logger.info("[replica %d] %s", job.replica, line.rstrip())
-    if process.wait() != 0:
-        raise ReplicaFailed(f"process {process.pid} exited with {process.returncode}: {last}")
-    return {"pid": process.pid}
+    try:
+        _, stats = run_isolated("stagediff.replica:run_local_replica", job, name=f"replica-{job.replica}",
+                                logger=logger)  # fmt: skip
+    except StageError as exc:
+        raise ReplicaFailed(str(exc)) from None
+    return {"pid": stats.pid}
 
 
 @task(name="replica", cache_policy=NONE)
 def pool_replica(job: ReplicaJob, pool: str, job_variables: dict[str, Any] | None) -> dict[str, Any]:
-    """One replica as a flow run of the `replica/<pool>` deployment, a subflow of this run."""
+    """One replica as a flow run of the `replica/<pool>` deployment, a subflow of this run. The job travels
+    by reference (written to the shared store), so a share of any size fits in the flow run's parameters."""
     from prefect.deployments import run_deployment
 
+    name = job.result.removesuffix(".json") + ".job.json"
+    Store(job.store, job.store_options).write(name, job.model_dump_json().encode())
     run = run_deployment(
         f"replica/{pool}",
-        parameters={"job": job.model_dump(mode="json", exclude_none=True)},  # empty fields: the defaults
+        parameters={"store": job.store, "job": name, "store_options": job.store_options},
         job_variables=job_variables,
         timeout=None,
         as_subflow=True,
@@ -90,7 +82,7 @@ def run_replicas(
     (from the store), one manifest entry per replica, and the failed shares, named."""
     started = time.time()
     futures = {
-        job.replica: (pool_replica.submit(job, pool, job_variables) if pool else local_replica.submit(job, run_dir))
+        job.replica: (pool_replica.submit(job, pool, job_variables) if pool else local_replica.submit(job))
         for job in jobs
         if job.items
     }
@@ -177,6 +169,8 @@ def fanout(
     request, store_location = checked_request(prompts, settings, model, placement, output)
     run_dir = request.run_dir
     manifest = open_manifest(request)
+    if not pool:
+        warm_up(request.model)  # local replicas fork from it: torch and the model's classes imported once
     label_flow_run(None if output.run_id else f"fanout {request.run_id}", model_tag(model))
 
     # 2. The shares: contiguous, the first ones one item longer when uneven

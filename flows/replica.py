@@ -8,15 +8,22 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from stagediff.artifacts import Store
 from stagediff.replica import ReplicaJob, run_replica
 
 
-@flow(name="replica", flow_run_name="replica {job.replica}", log_prints=True)
-def replica(job: ReplicaJob) -> dict[str, Any]:
+@flow(name="replica", flow_run_name="replica {job}", log_prints=True)
+def replica(store: str, job: str, store_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute one share of a fan-out into the shared store.
 
     Args:
-        job: The share's items, the model, placement and options, the store (a URL) and its devices.
+        store: The shared artifact store (a URL every worker reaches).
+        job: Store-relative name of the share's job (`ReplicaJob` as JSON): its items, the model, placement,
+            options and devices; written there by the fan-out flow.
+        store_options: fsspec options of the store.
     """
-    result = run_replica(job, prefect_tasks=True, logger=get_run_logger())
+    data = Store(store, store_options).read(job)
+    if data is None:
+        raise FileNotFoundError(f"replica job {job} is not in the store {store}")
+    result = run_replica(ReplicaJob.model_validate_json(data), prefect_tasks=True, logger=get_run_logger())
     return {"replica": result["replica"], "items": len(result["items"]), "pid": result["pid"]}

@@ -32,7 +32,9 @@ from typing import Any
 
 # Imported by the forkserver once, before any stage is forked from it.
 PRELOAD_MODULES = ["stagediff.forkserver"]
-START_METHODS = ("forkserver", "spawn")
+# "fork": only for a process forked from the forkserver itself (a fan-out's local replica): it has everything
+# imported, has never touched an accelerator, and runs no threads that hold locks.
+START_METHODS = ("forkserver", "spawn", "fork")
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,10 @@
 """Data-parallel replicas: a run's items cut into contiguous shares, each an engine run of its own.
 
-A replica is one process (a subprocess of the fan-out flow, a flow run on a pool worker, or a
-torchrun/accelerate rank) whose stage processes see only its devices (`CUDA_VISIBLE_DEVICES`) or,
+A replica is one process (forked from the fan-out flow's stage forkserver, a flow run on a pool worker, or
+a torchrun/accelerate rank) whose stage processes see only its devices (`CUDA_VISIBLE_DEVICES`) or,
 without GPUs, its share of the cores. It writes into the shared store and returns only store keys:
 whoever started it gathers the items by index. Item i is seeded with `seed + i` wherever it runs,
 so its image is the one a single replica would make.
-
-    python -m stagediff.replica JOB.json    # one local replica (the fan-out flow starts this)
 """
 
 from __future__ import annotations
@@ -14,18 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagediff.artifacts.store import is_url
 from stagediff.jobs import DenoiseSettings
-from stagediff.request import Placement, RequestError, RunOptions
+from stagediff.request import Placement, RequestError, RunOptions, visible_gpus
 
 log = logging.getLogger("stagediff.replica")
 
@@ -125,15 +121,6 @@ def plan_replicas(
     return [{"devices": None, "threads": threads} for _ in range(replicas)]
 
 
-def visible_gpus() -> list[str]:
-    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them (without importing torch)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d for d in visible.split(",") if d.strip()]
-    folder = Path("/proc/driver/nvidia/gpus")
-    return [str(i) for i in range(len(list(folder.iterdir())))] if folder.is_dir() else []
-
-
 def apply_devices(job: ReplicaJob) -> None:
     """Pin this process' stage processes to the replica's devices: set before the stage forkserver starts,
     which they are forked from (and `STAGEDIFF_TORCH_THREADS`, which every stage process applies)."""
@@ -197,28 +184,8 @@ def replica_items(items: list, indexes: range) -> list[ReplicaItem]:
     ]  # fmt: skip
 
 
-def _exit_with_parent() -> None:
-    """A local replica's stdin is a pipe from the flow process: when that process dies, so does the replica
-    (and its stage processes, which watch it in turn)."""
-    sys.stdin.read()
-    os._exit(70)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m stagediff.replica JOB.json`: one replica; its result goes to the store (`job.result`)."""
-    import threading
-
-    (job_path,) = argv or sys.argv[1:2]
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    job = ReplicaJob.model_validate_json(Path(job_path).read_text())
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
-    try:
-        run_replica(job)
-    except Exception as exc:
-        print(f"replica {job.replica} failed: {type(exc).__name__}: {exc}", flush=True)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_local_replica(job: ReplicaJob) -> dict[str, Any]:
+    """A local replica, in a process forked from the stage forkserver: its own stage processes fork from it
+    in turn (everything is imported already, and no accelerator was ever touched)."""
+    os.environ["STAGEDIFF_START_METHOD"] = "fork"
+    return run_replica(job)
