@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test test-all test-gpu lint format bench clean
+.PHONY: install demo test test-all test-gpu gpu-check gpu-check-dry lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,12 @@ test-all: install  ## also the opt-in slow tests (and the GPU tests, which skip 
 test-gpu: install  ## the placement tests that need CUDA
 	$(VENV)/bin/pytest -q -m gpu
 
+gpu-check: install  ## on a CUDA machine: gpu tests, stage peak memory, images/s vs diffusers -> bench/results/gpu.json
+	$(PY) -m bench.gpu_check
+
+gpu-check-dry: install  ## the same steps on the CPU and the tiny model (checks the script) -> gpu-dryrun.json
+	$(PY) -m bench.gpu_check --dry-run
+
 lint:
 	$(VENV)/bin/ruff check .
 
@@ -51,10 +57,12 @@ DEVICE ?= local
 server: install  ## a local Prefect server (API and UI) on http://127.0.0.1:4200
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 
-deploy: install  ## the process work pool, the device concurrency limit and every deployment in prefect.yaml
+deploy: install  ## the work pool, the device limit, the crashed-run automation and every deployment in prefect.yaml
 	$(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(VENV)/bin/prefect work-pool create $(POOL) --type process
 	$(VENV)/bin/prefect concurrency-limit create device:$(DEVICE) 1
+	$(VENV)/bin/prefect automation ls | grep -q "stagediff: mark flow runs without heartbeats" || \
+		$(VENV)/bin/prefect automation create --from-file deploy/crash-zombie-flow-runs.json
 	PWD=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
 
-worker: install  ## a process worker that runs the deployments' flow runs
-	STAGEDIFF_DEVICE=$(DEVICE) $(VENV)/bin/prefect worker start --pool $(POOL) --type process
+worker: install  ## a process worker that runs the deployments' flow runs (heartbeats every 30 s: see deploy/)
+	STAGEDIFF_DEVICE=$(DEVICE) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 $(VENV)/bin/prefect worker start --pool $(POOL) --type process

@@ -75,6 +75,18 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header in one fixed order (metadata keys sorted), so that identical
+    tensors and metadata give identical bytes: safetensors writes its metadata in hash-map order."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | dict(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads it
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
+
+
 def png_metadata(data: bytes) -> dict[str, str]:
     """The text chunks of a PNG; ValueError if it is not one."""
     from PIL import Image, UnidentifiedImageError

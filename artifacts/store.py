@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from stagediff.artifacts.files import (
     ArtifactError,
     atomic_write_bytes,
+    canonical_safetensors,
     png_metadata,
     safetensors_metadata,
     sha256_bytes,
@@ -218,9 +219,8 @@ class Store:
         from safetensors.torch import save
 
         metadata = {**metadata, "key": key}
-        return self.put(
-            kind, key, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata), metadata
-        )
+        data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
+        return self.put(kind, key, canonical_safetensors(data), metadata)
 
     def load_tensors(self, kind: str, key: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load

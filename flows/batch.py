@@ -98,7 +98,9 @@ def batch(
             row.negative_prompt and item.negative_prompt is None for row, item in zip(rows, items, strict=True)
         ):
             logger.warning("negative_prompt is kept in batch.json but not used: FLUX.1 needs true CFG for it")
-        manifest = read_batch_manifest(store_dir) or new_manifest()
+        if options.strict:
+            engine.verify(items, {item.index: entry["keys"] for item, entry in zip(items, entries, strict=True)})
+        manifest = read_batch_manifest(store_dir, logger) or new_manifest()
         todo_ids = set(plan(manifest, entries, store_dir))
         todo = [item for row, item in zip(rows, items, strict=True) if row.id in todo_ids]
         run = start_run(manifest, str(Path(prompts_file).resolve()), str(flow_run.id) if flow_run.id else None,

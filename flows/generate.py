@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store, write_manifest
@@ -65,8 +66,10 @@ def generate(
     items = request_items(request)
     resolved = items[0].settings
     keys = {item.index: engine.keys(item) for item in items}
+    if options.strict:
+        engine.verify(items, keys)  # a damaged artifact stops the run here, before its record is touched
     store = Store(store_location)
-    plan(manifest, keys, store, resolved, engine.ctx.dtype)
+    plan(manifest, keys, store, resolved, engine)
     manifest.update(status="running", flow_run_id=str(flow_run.id) if flow_run.id else None)
     write_manifest(run_dir, manifest)
     store.register_run(run_dir / "manifest.json")
@@ -78,7 +81,10 @@ def generate(
     try:
         engine.run(items, keys, lambda stage, refs: record(manifest, run_dir, store, engine, stage, refs), progress)
     except BaseException as exc:
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        # what every stage did, an interrupted one included; cancelled (Prefect's SIGTERM, Ctrl-C) or failed
+        cancelled = isinstance(exc, TerminationSignal | KeyboardInterrupt)
+        manifest["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
+        manifest.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
         write_manifest(run_dir, manifest)
         raise
     progress.finish()

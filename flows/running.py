@@ -49,7 +49,7 @@ def checked_request(
     """A generate-style flow's request and store, checked before any model is built or loaded and before
     anything is written (the embedded default model is built only once the rest has passed)."""
     fields = dict(
-        prompts=prompts.prompts, negative_prompts=prompts.negative_prompts, seed=prompts.seed,
+        prompts=prompts.texts(), negative_prompts=prompts.negative_prompts, seed=prompts.seed,
         settings=settings, placement=placement, out=output.out, run_id=output.run_id or new_run_id(),
     )  # fmt: skip
     validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)

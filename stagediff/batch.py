@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 
 import stagediff
 from stagediff.artifacts import ArtifactError, atomic_write_bytes, verify_file
-from stagediff.request import MAX_SEED, ImageSettings, RequestError, one_line, validate_request
+from stagediff.request import MAX_SEED, ImageSettings, RequestError, one_line, read_text_file, validate_request
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance", "height", "width")
 SETTINGS = ("steps", "guidance", "height", "width")  # ImageSettings fields a row may set for itself
@@ -97,12 +98,7 @@ def read_rows(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[
     allowed = f"must be an existing UTF-8 {', '.join(FORMATS)} file"
     if path.suffix.lower() not in FORMATS:
         raise RequestError("prompts_file", str(path), f"{allowed} (the extension picks the format)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise RequestError("prompts_file", str(path), allowed) from None
-    except UnicodeDecodeError as exc:
-        raise RequestError("prompts_file", str(path), f"{allowed}; byte {exc.start} is not UTF-8") from None
+    text = read_text_file("prompts_file", path, f"UTF-8 {', '.join(FORMATS)} file")
     reader = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[path.suffix.lower()]
     rows, problems = reader(text)
     if not rows and not problems:
@@ -243,9 +239,30 @@ def new_manifest() -> dict[str, Any]:
             "status": "new", "runs": [], "items": []}  # fmt: skip
 
 
-def read_batch_manifest(store: str | Path) -> dict[str, Any] | None:
+def read_batch_manifest(store: str | Path, logger: Any = None) -> dict[str, Any] | None:
+    """The folder's batch.json (call it holding the folder's lock), or None when there is none yet.
+
+    A damaged batch.json is kept aside (`batch.json.damaged-<time>`) and None returned: the run rebuilds the
+    bookkeeping from the store, whose verified objects are the truth (nothing is computed again). Runs
+    still marked "running" were interrupted (the lock says no run is active)."""
     path = Path(store) / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest.get("items"), list) or not isinstance(manifest.get("runs"), list):
+            raise ValueError("not a batch manifest")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        kept = path.with_name(f"{MANIFEST_NAME}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, kept)
+        (logger or logging.getLogger(__name__)).warning(
+            "%s is damaged: kept as %s; its bookkeeping is rebuilt from the store", path, kept.name
+        )
+        return None
+    for run in manifest["runs"]:
+        if run.get("status") == "running":
+            run.update(status="interrupted")
+    return manifest
 
 
 def write_batch_manifest(store: str | Path, manifest: dict[str, Any]) -> Path:

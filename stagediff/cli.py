@@ -10,29 +10,27 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import sys
 from pathlib import Path
 
 from stagediff.artifacts import ArtifactError, Store, read_manifest
 from stagediff.default_model import default_model_dir
-from stagediff.request import GenerateRequest, RequestError, RunOptions, check_store, new_run_id, validate_request
+from stagediff.request import (
+    MAX_SEED,
+    GenerateRequest,
+    Prompts,
+    RequestError,
+    RunOptions,
+    check_new_folder,
+    check_store,
+    new_run_id,
+    read_prompts_file,
+    validate_request,
+)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-
-
-def read_prompts_file(path: str) -> list[str]:
-    """One prompt a line; blank lines are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RequestError("prompts_file", path, "must be an existing UTF-8 text file, one prompt a line") from None
-    except (UnicodeDecodeError, IsADirectoryError):
-        raise RequestError("prompts_file", path, "must be a UTF-8 text file, one prompt a line") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise RequestError("prompts_file", path, "is empty: it must hold at least one prompt")
-    return prompts
 
 
 def expand_negative_prompts(negative_prompts: list[str] | None, prompts: list[str]) -> list[str] | None:
@@ -50,7 +48,7 @@ def parse_pair(parameter: str, value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
     parts = value.replace("x", ",").split(",")
-    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"[0-9]+", part.strip()) for part in parts):  # ASCII digits only
         raise RequestError(parameter, value, 'must be two integers such as "1024,1024"')
     return int(parts[0]), int(parts[1])
 
@@ -150,6 +148,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """RunOptions' fields."""
     parser.add_argument("--strict", action="store_true", help="stop at a damaged artifact instead of recomputing it")
     parser.add_argument("--retries", type=int, default=0, help="retries of a failed stage (0 to 10)")
+    parser.add_argument(
+        "--no-metadata", action="store_true", help="PNGs without what made them (A1111 parameters, JSON)"
+    )
     parser.add_argument("--chunk-size", type=int, help="items per chunk; each stage loads its model once a chunk "
                         "(default: 64, then sized so that loading costs at most 3%% of a chunk)")  # fmt: skip
 
@@ -170,7 +171,9 @@ def run_options_of(args: argparse.Namespace) -> RunOptions:
     from stagediff.request import one_line
 
     try:
-        return RunOptions(strict=args.strict, retries=args.retries, chunk_size=args.chunk_size)
+        return RunOptions(
+            strict=args.strict, retries=args.retries, chunk_size=args.chunk_size, metadata=not args.no_metadata
+        )
     except ValidationError as exc:
         raise one_line(exc) from None
 
@@ -179,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = request_of(args)
     if any(getattr(args, name) is not None for name in ("replicas", "device_groups", "pool", "threads")):
         return run_fanout(request, args, run_options_of(args))
-    return run_flow(request, args.model, args.store, run_options_of(args))
+    return run_flow(request, args.model, args.store, run_options_of(args), args.prompts_file)
 
 
 def request_of(args: argparse.Namespace) -> GenerateRequest:
@@ -212,10 +215,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     model_arg = None if model == str(default_model_dir()) else model  # the default model is rebuilt if need be
     fields.update(out=str(run_dir.parent), run_id=run_dir.name)
     request = validate_request(**fields, model=model, check_model=model_arg is not None)
+    if model_arg is not None and manifest.get("model_hash"):
+        from stagediff.keys import model_hash, model_identity
+
+        found = model_hash(model_identity(request.model))
+        if found != manifest["model_hash"]:
+            allowed = (f"its model {request.model} is no longer the one the run used (fingerprint {found} != "
+                       f"{manifest['model_hash']}): nothing was changed; start a new run for this model")  # fmt: skip
+            raise RequestError("run", args.run, allowed)
     return run_flow(request, model_arg, args.store or manifest.get("store"), run_options_of(args))
 
 
-def run_flow(request: GenerateRequest, model: str | None, store: str | None, options: RunOptions) -> int:
+def run_flow(
+    request: GenerateRequest, model: str | None, store: str | None, options: RunOptions, prompts_file: str | None = None
+) -> int:
     """Run the generate flow for a checked request and print where its images are and what each stage did."""
     from stagediff.run_manifest import open_manifest
 
@@ -225,12 +238,12 @@ def run_flow(request: GenerateRequest, model: str | None, store: str | None, opt
     from stagediff.isolation import warm_up
     from stagediff.prefect_api import choose_api
 
+    choose_api()  # an unreachable configured server is one line, before anything starts
     warm_up(request.model)  # the stage forkserver imports torch while Prefect starts
-    choose_api()
     from stagediff.flows.generate import generate
-    from stagediff.request import Output, Prompts
+    from stagediff.request import Output
 
-    prompts = Prompts(prompts=request.prompts, negative_prompts=request.negative_prompts, seed=request.seed)
+    prompts = prompts_of(request, prompts_file)
     output = Output(out=request.out, run_id=request.run_id, store=store)
     with progress_bars():
         manifest = generate(prompts, request.settings, model, request.placement, output, options)
@@ -250,6 +263,19 @@ def run_flow(request: GenerateRequest, model: str | None, store: str | None, opt
     return 0
 
 
+def prompts_of(request: GenerateRequest, prompts_file: str | None) -> Prompts:
+    """The flow's prompts: a prompts file travels by reference (its path), so any size reaches the flow."""
+    from pydantic import ValidationError
+
+    from stagediff.request import one_line
+
+    source = {"file": str(Path(prompts_file).absolute())} if prompts_file is not None else {"prompts": request.prompts}
+    try:
+        return Prompts(**source, negative_prompts=request.negative_prompts, seed=request.seed)
+    except ValidationError as exc:
+        raise one_line(exc) from None
+
+
 def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunOptions) -> int:
     """The fan-out flow for a checked request: every fan-out option is checked first, nothing written."""
     from stagediff.replica import plan_replicas
@@ -260,13 +286,16 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
     check_store(args.store, request.out)
     open_manifest(request)
 
+    from stagediff.isolation import warm_up
     from stagediff.prefect_api import choose_api
 
     choose_api()
+    if args.pool is None:
+        warm_up(request.model)  # the local replicas fork from it: its imports run while Prefect starts
     from stagediff.flows.fanout import fanout
-    from stagediff.request import Output, Prompts
+    from stagediff.request import Output
 
-    prompts = Prompts(prompts=request.prompts, negative_prompts=request.negative_prompts, seed=request.seed)
+    prompts = prompts_of(request, args.prompts_file)
     output = Output(out=request.out, run_id=request.run_id, store=args.store)
     device_groups = [g["devices"] for g in groups] if args.device_groups is not None else None
     manifest = fanout(prompts, request.settings, args.model, request.placement, output, options,
@@ -352,6 +381,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
+    check_new_folder("dir", args.dir)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise RequestError("seed", args.seed, f"must be an integer from 0 to {MAX_SEED}")
     from stagediff.tiny_model import build_tiny_family
 
     path = build_tiny_family(args.dir, args.family, seed=args.seed)

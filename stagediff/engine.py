@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stagediff.artifacts import ArtifactError, Store
@@ -37,7 +38,7 @@ from stagediff.jobs import (
     StageContext,
     StageResult,
 )
-from stagediff.keys import ModelIdentity, item_keys, model_identity, resolve_dtype
+from stagediff.keys import ModelIdentity, item_keys, model_hash, model_identity, resolve_dtype
 from stagediff.progress import Progress
 from stagediff.request import GenerateRequest, Placement, RunOptions, resolve_settings
 
@@ -74,6 +75,7 @@ class StageRecord:
     device_map: dict[str, str] | None = None
     warnings: list[str] = field(default_factory=list)
     environment: dict[str, Any] | None = None  # the device setting its processes saw (CUDA_VISIBLE_DEVICES, threads)
+    interrupted: bool = False  # its process failed, died or was cancelled (`computed`: what it had stored)
 
     def to_dict(self) -> dict[str, Any]:
         first = self.processes[0] if self.processes else {}
@@ -92,6 +94,7 @@ class StageRecord:
             "device_map": self.device_map,
             "warnings": self.warnings,
             "environment": self.environment,
+            "interrupted": self.interrupted,
             "processes": self.processes,
         }
 
@@ -108,6 +111,7 @@ class Engine:
     retries: int = 0
     chunk_size: int | None = None  # None: FIRST_CHUNK, then sized from what the first chunk measured
     tags: set[str] = field(default_factory=set)  # stage task tags (device concurrency limits)
+    metadata: bool = True  # PNGs carry what made them (`parameters` and a JSON chunk)
     prefect_tasks: bool = True  # False: stage processes without Prefect tasks (torchrun ranks, local replicas)
     logger: logging.Logger | logging.LoggerAdapter = log
     stages: dict[str, StageRecord] = field(default_factory=dict)  # a stage appears once it has been checked
@@ -115,7 +119,7 @@ class Engine:
     def keys(self, item: Item) -> dict[str, str]:
         return item_keys(
             self.identity, item.prompt, item.negative_prompt, item.seed, item.settings, self.ctx.dtype,
-            self.tiled_decode, self.sliced_decode,
+            self.tiled_decode, self.sliced_decode, self.metadata,
         )  # fmt: skip
 
     def run(
@@ -169,16 +173,26 @@ class Engine:
                 progress.todo(stage, len(todo))
                 self.logger.info("%s: %d of %d items to compute [%s]", stage, len(todo), len(chunk), label)
                 job = self.job(stage, todo, keys, refs)
-                on_item = lambda index, stage=stage: progress.stored(stage, index)  # noqa: E731
-                if self.prefect_tasks:
-                    from stagediff.tasks import run_stage  # the flows' Prefect task (imports Prefect)
+                stored: list[int] = []  # what the stage process reported stored, kept if it is interrupted
 
-                    task = run_stage.with_options(
-                        name=stage, task_run_name=f"{stage} [{label}]", retries=self.retries, tags=self.tags
-                    )
-                    result = task(stage, job, on_item=on_item)
-                else:
-                    result = run_stage_process(stage, job, on_item, self.logger)
+                def on_item(index: int, stage: str = stage, stored: list[int] = stored) -> None:
+                    stored.append(index)
+                    progress.stored(stage, index)
+
+                try:
+                    if self.prefect_tasks:
+                        from stagediff.tasks import run_stage  # the flows' Prefect task (imports Prefect)
+
+                        task = run_stage.with_options(
+                            name=stage, task_run_name=f"{stage} [{label}]", retries=self.retries, tags=self.tags
+                        )
+                        result = task(stage, job, on_item=on_item)
+                    else:
+                        result = run_stage_process(stage, job, on_item, self.logger)
+                except BaseException:
+                    record.computed += sorted(set(stored))  # in the store: a rerun reuses them
+                    record.interrupted = True
+                    raise
                 found |= self.collect(store, kind, todo, keys, result)
                 record.computed += [item.index for item in todo]
                 record.processes.append({**result.process, "items": sorted(r.index for r in result.items),
@@ -194,6 +208,14 @@ class Engine:
             refs = found
             on_stored(stage, refs)
         return measured
+
+    def verify(self, items: list[Item], keys: dict[int, dict[str, str]]) -> None:
+        """For a strict run, before anything is written: ArtifactError at the first damaged artifact the store
+        holds for these items (a refusal changes nothing, not even the run's record)."""
+        store = self.ctx.open_store()
+        for item in items:
+            for stage in STAGES:
+                store.check(KIND_OF_STAGE[stage], keys[item.index][KIND_OF_STAGE[stage]])
 
     def missing(
         self, store: Store, stage: str, chunk: list[Item], keys: dict[int, dict[str, str]]
@@ -229,9 +251,40 @@ class Engine:
         if stage == "denoise":
             items = [DenoiseItem(i.index, refs[i.index], i.seed, i.settings, keys[i.index]["latents"]) for i in todo]
             return DenoiseJob(self.ctx, items)
-        items = [DecodeItem(i.index, refs[i.index], i.settings.height, i.settings.width, keys[i.index]["images"])
-                 for i in todo]  # fmt: skip
+        items = [DecodeItem(i.index, refs[i.index], i.settings.height, i.settings.width, keys[i.index]["images"],
+                            self.parameters(i) if self.metadata else None) for i in todo]  # fmt: skip
         return DecodeJob(self.ctx, items, tiled=self.tiled_decode, sliced=self.sliced_decode)
+
+    def parameters(self, item: Item) -> dict[str, Any]:
+        """What made an item's image, as its PNG records it: enough to make it again with `stagediff generate`."""
+        s = item.settings
+        command = ["stagediff", "generate", "--model", self.ctx.model, "--prompt", item.prompt]
+        if item.negative_prompt is not None:
+            command += ["--negative-prompt", item.negative_prompt]
+        command += ["--seed", str(item.seed), "--steps", str(s.steps), "--guidance", str(s.guidance)]
+        command += ["--height", str(s.height), "--width", str(s.width), "--max-sequence-length",
+                    str(s.max_sequence_length), "--dtype", self.ctx.dtype]  # fmt: skip
+        if s.true_cfg_scale != 1:
+            command += ["--true-cfg-scale", str(s.true_cfg_scale)]
+        for flag, pair in (("--original-size", s.original_size), ("--target-size", s.target_size)):
+            if pair is not None:
+                command += [flag, f"{pair[0]},{pair[1]}"]
+        if s.crops_coords_top_left != (0, 0):
+            command += ["--crop-top-left", f"{s.crops_coords_top_left[0]},{s.crops_coords_top_left[1]}"]
+        command += ["--tiled-decode"] * self.tiled_decode + ["--sliced-decode"] * self.sliced_decode
+        return {
+            "prompt": item.prompt,
+            "negative_prompt": item.negative_prompt,
+            "seed": item.seed,
+            "settings": asdict(s),
+            "model": self.ctx.model,
+            "model_hash": model_hash(self.identity),
+            "scheduler": self.identity.scheduler.get("_class_name"),
+            "dtype": self.ctx.dtype,
+            "tiled_decode": self.tiled_decode,
+            "sliced_decode": self.sliced_decode,
+            "command": shlex.join(command),
+        }
 
     @staticmethod
     def collect(
@@ -284,6 +337,7 @@ def build_engine(
         strict=options.strict,
         retries=options.retries,
         chunk_size=options.chunk_size,
+        metadata=options.metadata,
         **kwargs,
     )
 

@@ -91,6 +91,7 @@ class DecodeItem:
     height: int
     width: int
     key: str  # the image's store key
+    parameters: dict[str, Any] | None = None  # what made it, for the PNG's text chunks; None: no metadata
 
 
 @dataclass(frozen=True)

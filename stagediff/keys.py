@@ -26,7 +26,7 @@ from stagediff.family import family_for, model_index, vae_scale_factor
 if TYPE_CHECKING:
     from stagediff.jobs import DenoiseSettings
 
-KEY_VERSION = 1  # bump when a stage's math changes so that old artifacts are no longer reused
+KEY_VERSION = 2  # bump when a stage's math or an artifact's bytes change so that old artifacts are not reused
 FINGERPRINTED = (".json", ".txt", ".model", ".safetensors")  # what from_pretrained reads (no pickles)
 
 
@@ -91,7 +91,10 @@ def model_identity(model: str | Path) -> ModelIdentity:
         name for name, entry in index.items() if isinstance(entry, list) and entry[0] and (model / name).is_dir()
     ]
     hashes = FileHashes()
-    fingerprints = {name: component_fingerprint(model, name, hashes) for name in on_disk}
+    # a component is its [library, class] and its files: the same weights under another class are another model
+    fingerprints = {
+        name: digest({"class": index[name], "files": component_fingerprint(model, name, hashes)}) for name in on_disk
+    }
     hashes.save()
     scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     return ModelIdentity(
@@ -139,9 +142,15 @@ def latents_key(embeddings: str, model: ModelIdentity, settings: DenoiseSettings
     )
 
 
-def image_key(latents: str, model: ModelIdentity, tiled: bool, sliced: bool, dtype: str) -> str:
+def image_key(latents: str, model: ModelIdentity, tiled: bool, sliced: bool, dtype: str, metadata: bool = True) -> str:
+    """`metadata`: the PNG carries the generation parameters (they are all covered by the latents key)."""
     fields = {"latents": latents, "pipeline": model.pipeline, "decoder": model.decoder, "tiled": tiled}
-    return digest({"v": KEY_VERSION, "kind": "image", **fields, "sliced": sliced, "dtype": dtype})
+    return digest({"v": KEY_VERSION, "kind": "image", **fields, "sliced": sliced, "dtype": dtype, "png": metadata})
+
+
+def model_hash(model: ModelIdentity) -> str:
+    """A short fingerprint of the whole model (the PNG metadata's "Model hash")."""
+    return digest(asdict(model))[:10]
 
 
 def item_keys(
@@ -153,13 +162,15 @@ def item_keys(
     dtype: str,
     tiled: bool = False,
     sliced: bool = False,
+    metadata: bool = True,
 ) -> dict[str, str]:
     """One item's store keys, by artifact kind: `embeddings`, `latents`, `images` (`dtype` resolved, never "auto").
 
     The one key function: every flow names its artifacts through it."""
     embeddings = embeddings_key(model, prompt, negative_prompt, settings.max_sequence_length, dtype)
     latents = latents_key(embeddings, model, settings, seed, dtype)
-    return {"embeddings": embeddings, "latents": latents, "images": image_key(latents, model, tiled, sliced, dtype)}
+    image = image_key(latents, model, tiled, sliced, dtype, metadata)
+    return {"embeddings": embeddings, "latents": latents, "images": image}
 
 
 @functools.cache

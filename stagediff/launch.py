@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from stagediff.default_model import ensure_default_model
     from stagediff.engine import request_items
-    from stagediff.replica import ReplicaJob, replica_items, run_replica, visible_gpus
+    from stagediff.replica import ReplicaJob, replica_items, run_replica
+    from stagediff.request import visible_gpus
     from stagediff.run_manifest import gather, open_manifest
 
     gpus = visible_gpus()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -37,10 +38,28 @@ def server_is_up(api_url: str, timeout: float = 0.5) -> bool:
         return False
 
 
+def server_answers(api_url: str, timeout: float = 3.0) -> bool:
+    """Whether anything answers HTTP at `api_url` (an error status counts: a server is there)."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def choose_api() -> str | None:
-    """Set PREFECT_API_URL to a running local server when none is configured; return the API in use."""
+    """Set PREFECT_API_URL to a running local server when none is configured; return the API in use.
+
+    A configured API that nothing answers is a one-line RequestError (before anything is written)."""
     url = configured_api_url()
     if url:
+        if not server_answers(url):
+            from stagediff.request import RequestError
+
+            allowed = "no Prefect server answers there: start it (`prefect server start`) or unset the setting"
+            raise RequestError("PREFECT_API_URL", url, allowed)
         return url
     if server_is_up(LOCAL_API):
         os.environ["PREFECT_API_URL"] = LOCAL_API

@@ -8,6 +8,7 @@ empty takes the model family's pipeline default (`Family.defaults`), resolved on
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
@@ -47,8 +48,17 @@ RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
 _DEVICE = re.compile(r"^(\d+|cpu|mps|cuda:\d+|xpu:\d+)$")
+_COMPONENT = re.compile(
+    r"(text_encoder|tokenizer)(_\d)?|vae|unet|transformer|scheduler|safety_checker|feature_extractor|image_encoder"
+)
+# Weight files diffusers and transformers load (a variant such as ".fp16", shards "-00001-of-00002", an index).
+_WEIGHTS = re.compile(
+    r"(diffusion_pytorch_model|model)(\.[\w-]+)?(-\d{5}-of-\d{5})?\.safetensors(\.index(\.[\w-]+)?\.json)?"
+)
 MAX_SEED = 2**63 - 1
 MAX_PIXELS = 16384
+# Prefect refuses flow-run parameters over 512 KB: what is larger travels by reference (a prompts file).
+MAX_INLINE_BYTES = 256 * 1024
 MODEL_DEFAULT = "empty: the model's pipeline default"
 
 # The one-line message for each checked field: what is allowed (the Field limits below say the same to the form).
@@ -102,13 +112,40 @@ PromptText = Annotated[StrictStr, StringConstraints(min_length=1, pattern=r"\S")
 
 
 class Prompts(_Model):
-    """The prompts of a run: one image each."""
+    """The prompts of a run: one image each, given inline or as a file the flow reads (large requests)."""
 
-    prompts: list[PromptText] = Field(min_length=1, description="Prompts, one image each.")
+    prompts: list[PromptText] | None = Field(default=None, min_length=1, description="Prompts, one image each.")
+    file: str | None = Field(
+        default=None,
+        description="Instead of prompts: a UTF-8 text file, one prompt a line, read where the flow runs.",
+    )
     negative_prompts: list[StrictStr] | None = Field(
         default=None, description="One negative prompt per prompt (FLUX.1: only with true_cfg_scale > 1)."
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Prompt i gets Generator('cpu').manual_seed(seed + i).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Prompts:
+        if (self.prompts is None) == (self.file is None):
+            raise RequestError("prompts", self.prompts, "give prompts or a prompts file, one of them")
+        if self.prompts is not None and len(json.dumps(self.prompts)) > MAX_INLINE_BYTES:
+            allowed = (f"are too large to travel as flow parameters (over {MAX_INLINE_BYTES // 1024} KB): "
+                       "give them as a prompts file (--prompts-file, or `file`)")  # fmt: skip
+            raise RequestError("prompts", f"{len(self.prompts)} prompts", allowed)
+        return self
+
+    def texts(self) -> list[str]:
+        """The prompts, read from the file when they come by reference."""
+        return self.prompts if self.prompts is not None else read_prompts_file(self.file)
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt a line; blank lines are skipped (and a UTF-8 byte order mark, as `batch` does)."""
+    text = read_text_file("prompts_file", path, "UTF-8 text file, one prompt a line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise RequestError("prompts_file", path, "is empty: it must hold at least one prompt")
+    return prompts
 
 
 class ImageSettings(_Model):
@@ -184,12 +221,15 @@ class Placement(_Model):
 
 
 class RunOptions(_Model):
-    """How a run is carried out; none of this changes an image."""
+    """How a run is carried out; none of this changes an image's pixels."""
 
     strict: bool = Field(default=False, description="Stop at a damaged artifact instead of recomputing it.")
     retries: int = Field(default=0, ge=0, le=10, description="Retries of a failed stage.")
     chunk_size: int | None = Field(
         default=None, ge=1, description="Items per chunk (each stage loads its model once a chunk); empty: automatic."
+    )
+    metadata: bool = Field(
+        default=True, description="Write what made each image into its PNG (A1111 `parameters` and a JSON chunk)."
     )
 
 
@@ -236,7 +276,7 @@ class GenerateRequest(_Model):
             raise RequestError("negative_prompts", self.negative_prompts, allowed)
         if not 0 <= self.seed <= MAX_SEED - len(self.prompts):
             raise RequestError("seed", self.seed, f"must be an integer from 0 to {MAX_SEED - len(self.prompts)}")
-        if not _RUN_ID.match(self.run_id) or self.run_id in {".", ".."}:
+        if not _RUN_ID.fullmatch(self.run_id) or self.run_id in {".", ".."}:  # fullmatch: no trailing newline
             raise RequestError("run_id", self.run_id, ALLOWED["run_id"])
         if (info.context or {}).get("check_model", True):
             family = FAMILIES[check_model_dir(self.model)["_class_name"]]
@@ -279,9 +319,12 @@ def validate_request(check_model: bool = True, **fields: Any) -> GenerateRequest
     if check_model and isinstance(fields.get("model"), str):
         fields["model"] = resolve_model(fields["model"])
     try:
-        return GenerateRequest.model_validate(fields, context={"check_model": check_model})
+        request = GenerateRequest.model_validate(fields, context={"check_model": check_model})
     except ValidationError as exc:
         raise one_line(exc) from None
+    if check_model and Path(request.model).exists():  # recorded absolute: a resume from elsewhere finds it
+        request = request.model_copy(update={"model": str(Path(request.model).absolute())})
+    return request
 
 
 def resolve_settings(settings: ImageSettings, model: str | Path) -> DenoiseSettings:
@@ -319,9 +362,34 @@ def parse_max_memory(value: str | dict[str, Any] | None) -> dict[str, str] | Non
     else:
         raise RequestError("max_memory", value, allowed)
     for device, size in mapping.items():
-        if not _DEVICE.match(device) or not _SIZE.match(size):
+        if not _DEVICE.fullmatch(device) or not _SIZE.fullmatch(size):
             raise RequestError("max_memory", value, allowed)
+    gpus = len(visible_gpus())
+    for device in mapping:
+        index = device.removeprefix("cuda:")
+        if index.isdigit() and int(index) >= gpus:
+            raise RequestError("max_memory", value, f"names GPU {index}, but this machine has {gpus} GPU(s)")
     return mapping
+
+
+def read_text_file(parameter: str, path: str | Path, what: str) -> str:
+    """A regular UTF-8 text file's text (a leading BOM dropped), or RequestError naming `parameter`; `what`
+    says what the file must be ("UTF-8 text file, one prompt a line").
+
+    Refuses what is not a regular file before opening it (a FIFO would block, a folder fails late)."""
+    path = Path(path)
+    try:
+        regular = path.is_file()
+    except OSError:  # e.g. a path through a file ("a.txt/x")
+        regular = False
+    if not regular:
+        raise RequestError(parameter, str(path), f"must be an existing {what} (a regular file)")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RequestError(parameter, str(path), f"must be a {what}; byte {exc.start} is not UTF-8") from None
+    except OSError as exc:
+        raise RequestError(parameter, str(path), f"could not be read ({exc.strerror}); it must be a {what}") from None
 
 
 def check_model_dir(model: str) -> dict[str, Any]:
@@ -331,14 +399,23 @@ def check_model_dir(model: str) -> dict[str, Any]:
         raise RequestError("model", model, "must be an existing diffusers pipeline folder or a reachable Hub id")
     index_path = path / "model_index.json"
     try:
-        index = json.loads(index_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        raise RequestError("model", model, "is not a diffusers pipeline: no readable model_index.json") from None
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise RequestError("model", model, "is not a diffusers pipeline: no readable UTF-8 model_index.json") from None
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     if class_name not in SUPPORTED_PIPELINES:
         raise RequestError(
             "model", model, f"pipeline {class_name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}"
         )
+    for name, entry in index.items():  # every component: [library, class] of a library we load, or null
+        if not isinstance(entry, list) and not _COMPONENT.fullmatch(name) and not (path / name).is_dir():
+            continue  # pipeline config such as `requires_safety_checker`, `force_zeros_for_empty_prompt`
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str | None) for v in entry)):
+            allowed = f"model_index.json entry {name!r} must be [library, class], not {json.dumps(entry)[:40]}"
+            raise RequestError("model", model, allowed)
+        if entry[0] is not None and not known_library(entry[0]):
+            allowed = f"component {name!r} comes from {entry[0]!r}: only diffusers and transformers components load"
+            raise RequestError("model", model, allowed + " (never remote code)")
     # The required components, and the optional ones `decode` loads when the model has them (a safety checker).
     optional = [name for name in FAMILIES[class_name].decode_components if (index.get(name) or [None])[0]]
     for component in dict.fromkeys([*REQUIRED_COMPONENTS[class_name], *optional]):
@@ -346,10 +423,36 @@ def check_model_dir(model: str) -> dict[str, Any]:
         folder = path / component
         if not entry or entry[0] is None or not folder.is_dir() or not any(folder.iterdir()):
             raise RequestError("model", model, f"component {component!r} is missing from the pipeline folder")
-        if component in WEIGHTED_COMPONENTS and not any(folder.glob("*.safetensors")):
-            allowed = f"component {component!r} has no .safetensors weights (pickled weights are refused)"
+        if component in WEIGHTED_COMPONENTS and not any(_WEIGHTS.fullmatch(f.name) for f in folder.iterdir()):
+            allowed = (
+                f"component {component!r} has no safetensors weights under the names diffusers loads "
+                "(diffusion_pytorch_model.safetensors, model.safetensors or their shards; pickled weights are refused)"
+            )
             raise RequestError("model", model, allowed)
     return index
+
+
+def known_library(library: str) -> bool:
+    """diffusers, transformers, or one of diffusers' pipeline modules (SD 1.5's `stable_diffusion` safety
+    checker); found on disk, without importing diffusers."""
+    if library in ("diffusers", "transformers"):
+        return True
+    import importlib.util
+
+    spec = importlib.util.find_spec("diffusers")
+    folders = spec.submodule_search_locations if spec else None
+    return bool(re.fullmatch(r"[a-z0-9_]+", library)) and any(
+        (Path(folder) / "pipelines" / library).is_dir() for folder in folders or []
+    )
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them (without importing torch)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    folder = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(folder.iterdir())))] if folder.is_dir() else []
 
 
 def resolve_model(model: str) -> str:
@@ -370,10 +473,12 @@ def check_store(store: str | None, out: str) -> str:
     from stagediff.artifacts.store import is_url
 
     if store is None or store == "":
+        check_writable("out", out)
         return str((Path(out) / ".store").absolute())
     if not is_url(store):
         if Path(store).exists() and not Path(store).is_dir():
             raise RequestError("store", store, "must be a folder (it is created if missing) or an fsspec URL")
+        check_writable("store", store)
         return str(Path(store).absolute())
     import fsspec
 
@@ -383,6 +488,30 @@ def check_store(store: str | None, out: str) -> str:
         allowed = f"must be a folder or a URL of an installed fsspec filesystem ({type(exc).__name__}: {exc})"
         raise RequestError("store", store, allowed.splitlines()[0]) from None
     return store
+
+
+def check_writable(parameter: str, path: str | Path) -> None:
+    """`path` is, or can become, a folder this process may write into: else RequestError, nothing created."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if existing.is_symlink() and existing == path:
+        raise RequestError(parameter, str(path), "is a symbolic link: stagediff writes only into real folders")
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under {existing}, which is not a folder"
+        raise RequestError(parameter, str(path), f"must be a folder (or not exist yet); it {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RequestError(parameter, str(path), f"must be writable; {existing} is not")
+
+
+def check_new_folder(parameter: str, path: str | Path) -> None:
+    """A folder a command creates: it must not exist yet (or be empty); nothing that is there is ever replaced."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return check_writable(parameter, path)
+    if path.exists() or path.is_symlink():
+        allowed = "already exists: choose a new folder (nothing that is there is ever deleted or overwritten)"
+        raise RequestError(parameter, str(path), allowed)
+    check_writable(parameter, path)
 
 
 def new_run_id() -> str:

@@ -11,7 +11,8 @@ import stagediff
 from stagediff.artifacts import Store, read_manifest, write_manifest
 from stagediff.engine import Engine
 from stagediff.jobs import KIND_OF_STAGE, DenoiseSettings, ItemRef
-from stagediff.request import GenerateRequest, RequestError
+from stagediff.keys import model_hash
+from stagediff.request import GenerateRequest, RequestError, check_writable
 
 # Each item lists its files by these fields (`image`, as in batch.json); `keys` and `sha256` go by store kind.
 FILE_FIELD = {"embeddings": "embeddings", "latents": "latents", "images": "image"}
@@ -48,6 +49,10 @@ def new_manifest(request: GenerateRequest) -> dict[str, Any]:
 def open_manifest(request: GenerateRequest) -> dict[str, Any]:
     """The run's manifest: a new one, or the existing one if it describes this very request (a rerun)."""
     run_dir = request.run_dir
+    check_writable("out", request.out)
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        allowed = f"{run_dir} is a symbolic link or a file: a run writes only into a folder of its own"
+        raise RequestError("run_id", request.run_id, allowed)
     if not (run_dir / "manifest.json").exists():
         return new_manifest(request)
     manifest = read_manifest(run_dir)
@@ -57,12 +62,14 @@ def open_manifest(request: GenerateRequest) -> dict[str, Any]:
 
 
 def plan(
-    manifest: dict[str, Any], keys: dict[int, dict[str, str]], store: Store, settings: DenoiseSettings, dtype: str
+    manifest: dict[str, Any], keys: dict[int, dict[str, str]], store: Store, settings: DenoiseSettings, engine: Engine
 ) -> None:
-    """Start this run's bookkeeping: the resolved settings, every item's content keys, the store, no stage yet."""
+    """Start this run's bookkeeping: the resolved settings, the model's fingerprint (`model_hash`, checked by
+    `stagediff resume`), every item's content keys, the store, no stage yet."""
     for item in manifest["items"]:
         item["keys"] = keys[item["index"]]
-    manifest.update(settings=asdict(settings), dtype=dtype, store=store.location, stages={})
+    manifest.update(settings=asdict(settings), dtype=engine.ctx.dtype, model_hash=model_hash(engine.identity),
+                    store=store.location, stages={})  # fmt: skip
 
 
 def record(

@@ -426,8 +426,10 @@ def build_tiny_model(out_dir: str | Path, config: TinyConfig, max_shard_size: st
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         (tmp / "stagediff_tiny.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # an empty folder: nothing is lost
+        if out_dir.exists() or out_dir.is_symlink():  # never delete or overwrite what is there
+            raise FileExistsError(f"{out_dir} already exists; the tiny model was not written")
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

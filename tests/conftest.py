@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+# Prefect sets up its console logging when first imported, bound to the sys.stderr of that moment: import it
+# now, under pytest's session-long capture, not inside a test whose capsys stream is closed after it.
+import prefect  # noqa: F401
+
 
 @pytest.fixture(scope="session", autouse=True)
 def stagediff_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

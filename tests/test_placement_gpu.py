@@ -32,9 +32,9 @@ def folder_bytes(folder: Path) -> int:
 
 def test_text_encoders_balanced_on_the_gpu(tiny, tmp_path: Path) -> None:
     _, stages = run_stages(tiny("sdxl"), tmp_path, settings("sdxl", False), PROMPTS[:1], seed=0)
-    assert set(stages["encode"]["device_map"].values()) == {"cuda:0"}
-    assert stages["encode"]["warnings"] == []
-    assert stages["decode"]["device_map"] == {"": "cuda:0"}
+    assert set(stages["encode"].device_map.values()) == {"cuda:0"}
+    assert stages["encode"].warnings == []
+    assert stages["decode"].device_map == {"": "cuda:0"}
 
 
 def test_text_encoder_that_fits_no_gpu_falls_back_to_cpu_and_is_reported(tiny, tmp_path: Path) -> None:
@@ -43,9 +43,9 @@ def test_text_encoder_that_fits_no_gpu_falls_back_to_cpu_and_is_reported(tiny, t
     budget = f"{(small + large) // 2}B"  # the smaller encoder fits on GPU 0, the larger one does not
     max_memory = {"0": budget, "cpu": "8GiB"}
     images, stages = run_stages(model, tmp_path, settings("flux", False), PROMPTS, seed=0, max_memory=max_memory)
-    placement = stages["encode"]["device_map"]
+    placement = stages["encode"].device_map
     assert sorted(placement.values()) == ["cpu", "cuda:0"], placement  # one process, two devices
-    assert len(stages["encode"]["warnings"]) == 1 and "diffusers issue #9195" in stages["encode"]["warnings"][0]
+    assert len(stages["encode"].warnings) == 1 and "diffusers issue #9195" in stages["encode"].warnings[0]
     assert len(images) == 2
 
 
@@ -54,6 +54,6 @@ def test_denoiser_spreads_over_gpu_cpu_and_disk(tiny, tmp_path: Path) -> None:
     half = f"{folder_bytes(model / 'unet') // 2}B"  # with accelerate's reserve for offloaded layers, not all fits
     max_memory = {"0": half, "cpu": half}
     images, stages = run_stages(model, tmp_path, settings("sdxl", True), PROMPTS[:1], seed=0, max_memory=max_memory)
-    devices = set(stages["denoise"]["device_map"].values())
+    devices = set(stages["denoise"].device_map.values())
     assert {"0", "disk"} <= devices, devices
     assert images[0].shape == (64, 48, 3)

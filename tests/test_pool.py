@@ -68,13 +68,14 @@ def pool(s3: str, tmp_path_factory: pytest.TempPathFactory, stagediff_cache: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
     env.update(AWS, PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_WORKER_QUERY_SECONDS="1", STAGEDIFF_CACHE=str(stagediff_cache), PWD=str(REPO),
-               STAGEDIFF_TEST_BATCH_DELAY="0.5")  # fmt: skip
+               STAGEDIFF_TEST_BATCH_DELAY="0.5", PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")  # fmt: skip
     stack, started = Stack(api_url, env, logs), []
 
-    def start(name: str, *args: str, **extra: str) -> None:
+    def start(name: str, *args: str, **extra: str) -> subprocess.Popen:
         with open(logs / f"{name}.log", "w") as log:
             started.append(subprocess.Popen([sys.executable, "-m", "prefect", *args], env={**env, **extra}, cwd=home,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        return started[-1]
 
     try:
         start("server", "server", "start", "--host", "127.0.0.1", "--port", api_url.split(":")[2].split("/")[0])
@@ -88,9 +89,12 @@ def pool(s3: str, tmp_path_factory: pytest.TempPathFactory, stagediff_cache: Pat
                 time.sleep(0.5)
         succeeded(stack.prefect("work-pool", "create", POOL, "--type", "process"))
         succeeded(stack.prefect("--no-prompt", "deploy", "--name", f"replica/{POOL}"))
-        for device in ("0", "1"):
-            start(f"worker-{device}", "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
-                  CUDA_VISIBLE_DEVICES=device)  # fmt: skip
+        succeeded(stack.prefect("automation", "create", "--from-file", "deploy/crash-zombie-flow-runs.json"))
+        stack.workers = {
+            device: start(f"worker-{device}", "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
+                          CUDA_VISIBLE_DEVICES=device)
+            for device in ("0", "1")
+        }  # fmt: skip
         yield stack
     finally:
         drain_prefect_workers(api_url)
@@ -189,3 +193,40 @@ def kill_replica_on_device(device: str, killed: list[int], timeout: float = 120)
 def flow_run_process(forkserver: int) -> int:
     """The process that started the stage forkserver: the replica's flow-run process."""
     return int(Path(f"/proc/{forkserver}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_run_whose_worker_was_killed_is_marked_crashed_and_fails_the_fan_out(
+    pool: Stack, s3: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """kill -9 of a worker and everything under it mid-denoise: nothing reports the run's end, so the
+    automation `make deploy` creates (deploy/crash-zombie-flow-runs.json) marks it Crashed once its
+    heartbeats stop, and the fan-out that waits on it fails naming its share instead of waiting forever."""
+    from stagediff.flows.fanout import ReplicaFailed
+
+    killed: list[int] = []
+
+    def kill_worker_1() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for comm in Path("/proc").glob("[0-9]*/comm"):
+                try:
+                    if comm.read_text().strip() == "stagediff-denoi" and b"CUDA_VISIBLE_DEVICES=1" in (
+                        comm.parent / "environ"
+                    ).read_bytes().split(b"\0"):
+                        os.killpg(pool.workers["1"].pid, signal.SIGKILL)  # the worker, its flow run, its stages
+                        killed.append(pool.workers["1"].pid)
+                        return
+                except (OSError, ValueError):
+                    continue
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_worker_1, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    with pytest.raises(ReplicaFailed, match=r"1 of 2 replicas failed: replica \d \(items") as error:
+        fan_out(pool, s3, tiny_model, tmp_path, f"s3://{BUCKET}/three", "three")
+    assert killed, "no stage process found under worker 1"
+    assert time.monotonic() - started < 300
+    failed = json.loads((tmp_path / "three" / "manifest.json").read_text())
+    share = next(r for r in failed["replicas"] if r["status"] == "failed")
+    assert "CRASHED" in share["error"].upper() or "crashed" in str(error.value).lower(), share

@@ -301,17 +301,19 @@ def test_damaged_artifacts_are_recomputed_with_a_warning_or_stop_a_strict_run(
     for path in damaged.values():
         assert any(path in w and "computing it again" in w for w in warnings), (path, warnings)
 
-    # --strict: the run stops at the first damaged artifact, naming it, before any stage process
+    # --strict: the run stops at the first damaged artifact, naming it, before any stage process, and a
+    # refusal changes nothing: no record for a new run, the completed run's record as it was
     path = damage(store, manifest, 0, "latents", "flip")
     with pytest.raises(ArtifactError, match=f"artifact {path} is corrupted"):
         generate(tiny_model, out, "strict", store.location, strict=True)
-    failed = json.loads((out / "strict" / "manifest.json").read_text())
-    assert failed["status"] == "failed" and "denoise" not in failed["stages"]
+    assert not (out / "strict").exists()
+    record = (out / "r" / "manifest.json").read_bytes()
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
-    assert main(["resume", str(out / "strict"), "--strict"]) == 1
+    assert main(["resume", str(out / "r"), "--strict"]) == 1
     assert (
         capsys.readouterr().err.strip().splitlines()[-1].startswith(f"stagediff: error: artifact {path} is corrupted")
     )
+    assert (out / "r" / "manifest.json").read_bytes() == record
 
 
 def test_only_decode_changes_load_no_text_encoder_and_no_transformer(

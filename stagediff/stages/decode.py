@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from stagediff.family import family_for, model_index
-from stagediff.jobs import DecodeJob, ItemRef, StageContext, StageResult
+from stagediff.jobs import DecodeItem, DecodeJob, ItemRef, StageContext, StageResult
 from stagediff.stages.devices import accelerator_count
 from stagediff.stages.loading import load_pipeline
 from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
@@ -35,12 +38,30 @@ def load_decoder(ctx: StageContext, tiled: bool = False, sliced: bool = False):
     return pipe
 
 
+def png_text(ctx: StageContext, item: DecodeItem) -> dict[str, str]:
+    """The PNG's text chunks: what made it, as A1111 writes it (`parameters`, which many tools read) and as
+    JSON (`stagediff`: the whole item request and a `stagediff generate` command that makes it again);
+    without metadata only the store key (every object carries it)."""
+    p = item.parameters
+    if p is None:
+        return {}
+    s = p["settings"]
+    lines = [p["prompt"]]
+    if p["negative_prompt"]:
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    lines.append(
+        f"Steps: {s['steps']}, Sampler: {p['scheduler']}, CFG scale: {s['guidance']}, Seed: {p['seed']}, "
+        f"Size: {s['width']}x{s['height']}, Model: {Path(p['model']).name}, Model hash: {p['model_hash']}"
+    )
+    return {"parameters": "\n".join(lines), "stagediff": json.dumps(p, sort_keys=True), **metadata(ctx, "decode")}
+
+
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
 def decode(job: DecodeJob) -> StageResult:
     """Decode the latents whose images the store lacks, in batches of one size; store PNGs under their keys."""
     ctx, family, store = job.ctx, family_for(job.ctx.model), job.ctx.open_store()
     result = StageResult()
-    models = Loaded(lambda: load_decoder(ctx, job.tiled, job.sliced), result)
+    models = Loaded(lambda: load_decoder(ctx, job.tiled, job.sliced), result, "decode")
     for batch in batches(store, "images", job.items, lambda item: (item.height, item.width), ctx.batch_size):
         pipe = models.get()
         vae = pipe.vae
@@ -51,7 +72,7 @@ def decode(job: DecodeJob) -> StageResult:
         latents = family.latents_for_vae(latents.to(vae.device, vae.dtype), vae.config, batch[0].height, batch[0].width)
         images = family.postprocess(pipe, vae.decode(latents, return_dict=False)[0])
         for item, image in zip(batch, images, strict=True):
-            record = store.save_png("images", item.key, image, metadata(ctx, "decode", index=item.index))
+            record = store.save_png("images", item.key, image, png_text(ctx, item))
             done(result, ItemRef(item.index, "images", record.key, record.sha256))
             log.info("wrote image %d", item.index)
     return models.finish()

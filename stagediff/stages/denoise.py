@@ -69,7 +69,7 @@ def denoise(job: DenoiseJob) -> StageResult:
     """Denoise the items whose latents the store lacks, in batches of one setting; store each under its key."""
     ctx, family, store = job.ctx, family_for(job.ctx.model), job.ctx.open_store()
     result = StageResult()
-    models = Loaded(lambda: load_denoiser(ctx), result)
+    models = Loaded(lambda: load_denoiser(ctx), result, "denoise")
     for n, batch in enumerate(batches(store, "latents", job.items, lambda item: item.settings, ctx.batch_size), 1):
         pipe, device_map = models.get()
         if result.device_map is None:

@@ -50,7 +50,7 @@ def encode(job: EncodeJob) -> StageResult:
     """
     ctx, family, store = job.ctx, family_for(job.ctx.model), job.ctx.open_store()
     result = StageResult()
-    models = Loaded(lambda: load_text_encoders(ctx), result)
+    models = Loaded(lambda: load_text_encoders(ctx), result, "encode")
     group_of = lambda item: (item.max_sequence_length, item.negative_prompt is not None)  # noqa: E731
     for batch in batches(store, "embeddings", job.items, group_of, ctx.batch_size):
         pipe, placement = models.get()

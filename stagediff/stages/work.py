@@ -36,12 +36,39 @@ def batches(store: Store, kind: str, items: list[T], group_of: Callable[[T], Has
                 time.sleep(pause)
 
 
+def hold_devices(stage: str) -> list[int]:
+    """Take this process' GPUs (CUDA_VISIBLE_DEVICES) for as long as it lives: an flock per device, which the
+    kernel releases when the process exits or dies, so no crash, kill or server restart can leak it. A stage
+    that has to wait says for which device and for whom. No GPU: nothing to hold. Returns the open fds."""
+    import fcntl
+
+    from stagediff.default_model import cache_dir
+    from stagediff.request import visible_gpus
+
+    folder = cache_dir() / "devices"
+    folder.mkdir(parents=True, exist_ok=True)
+    held = []
+    for gpu in sorted(visible_gpus()):  # one order everywhere: two stages never wait on each other
+        path = folder / f"gpu-{''.join(c if c.isalnum() or c in '-_' else '_' for c in gpu)}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(errors="replace").strip() or "another process"
+            log.info("waiting for GPU %s: held by %s", gpu, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({stage} stage)\n".encode(), 0)
+        held.append(fd)
+    return held
+
+
 class Loaded:
     """A stage's models, loaded on first use (a stage with nothing to compute loads nothing), timed; it also
     applies and notes the process' device setting."""
 
-    def __init__(self, load: Callable[[], Any], result: StageResult) -> None:
-        self.load, self.result, self.value = load, result, None
+    def __init__(self, load: Callable[[], Any], result: StageResult, stage: str = "stage") -> None:
+        self.load, self.result, self.value, self.stage = load, result, None, stage
         self.started = time.perf_counter()
         threads = os.environ.get("STAGEDIFF_TORCH_THREADS")  # a replica's share of the cores
         if threads:
@@ -53,6 +80,7 @@ class Loaded:
 
     def get(self) -> Any:
         if self.value is None:
+            self.devices = hold_devices(self.stage)  # held until this stage process exits
             t0 = time.perf_counter()
             self.value = self.load()
             self.result.loads += 1

@@ -1,0 +1,135 @@
+"""What stagediff refuses: one table of bad inputs, each a real `stagediff` command in a fresh process that
+must print one line naming the parameter, exit 2, change no file, and import neither torch nor Prefect.
+
+Grow the table with every refusal: it is the project's record of what it refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16"]
+RUN = (
+    "import atexit, sys; from stagediff.cli import run; "
+    "atexit.register(lambda: print('imported:', 'torch' in sys.modules, 'prefect' in sys.modules)); run()"
+)
+
+
+@pytest.fixture(scope="module")
+def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding an earlier run, a store, prompts files and broken models, as a user's would."""
+    root = tmp_path_factory.mktemp("work")
+    (root / "out" / "old").mkdir(parents=True)
+    (root / "out" / "old" / "manifest.json").write_text('{"run_id": "old"}\n')
+    (root / "store" / "objects").mkdir(parents=True)
+    (root / "a.txt").write_text("a dog\n")
+    (root / "file").write_text("not a folder\n")
+    (root / "full").mkdir()
+    (root / "full" / "keep.txt").write_text("mine\n")
+    os.mkfifo(root / "fifo.txt")
+    (root / "elsewhere").mkdir()
+    (root / "out" / "link").symlink_to(root / "elsewhere")
+
+    def broken(name: str, edit) -> None:
+        model = root / name
+        shutil.copytree(tiny_model, model)
+        edit(model)
+
+    def index_entry(key: str, value) -> callable:
+        def edit(model: Path) -> None:
+            index = json.loads((model / "model_index.json").read_text())
+            index[key] = value
+            (model / "model_index.json").write_text(json.dumps(index))
+
+        return edit
+
+    def stray_safetensors(model: Path) -> None:
+        weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+        weights.rename(model / "vae" / "stray.safetensors")
+        (model / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"pickled")
+
+    broken("vae-is-5", index_entry("vae", 5))
+    broken("vae-is-a-dict", index_entry("vae", {"a": 1}))
+    broken("custom-class", index_entry("vae", ["mymodule", "Evil"]))
+    broken("stray", stray_safetensors)
+    broken("latin1", lambda model: (model / "model_index.json").write_bytes(b'{"_class_name": "Fl\xfcx"}'))
+    return root
+
+
+def table(model: str) -> list[tuple[list[str], str]]:
+    """(command, first line of stderr after "stagediff: error: ")."""
+    gen = ["generate", "--prompt", "a dog", *SMALL, "--model", model]
+    return [
+        ([*gen, "--original-size", "²,2"], "invalid original_size='²,2': must be two integers"),
+        (["generate", "--prompts-file", "a.txt/x", "--model", model], "invalid prompts_file='a.txt/x': must be an"),
+        (["generate", "--prompts-file", "fifo.txt", "--model", model], "invalid prompts_file='fifo.txt': must be an"),
+        ([*gen, "--out", "file"], "invalid out="),
+        ([*gen, "--store", "file"], "invalid store='file': must be a folder"),
+        ([*gen, "--run-id", "nl\n"], "invalid run_id='nl\\n': must be a plain name"),
+        ([*gen, "--out", "out", "--run-id", "link"], "invalid run_id='link':"),
+        ([*gen[:-1], "vae-is-5"], "invalid model='vae-is-5': model_index.json entry 'vae' must be [library, class]"),
+        ([*gen[:-1], "vae-is-a-dict"], "invalid model='vae-is-a-dict': model_index.json entry 'vae' must be"),
+        ([*gen[:-1], "custom-class"], "invalid model='custom-class': component 'vae' comes from 'mymodule'"),
+        ([*gen[:-1], "stray"], "invalid model='stray': component 'vae' has no safetensors weights"),
+        ([*gen[:-1], "latin1"], "invalid model='latin1': is not a diffusers pipeline: no readable UTF-8"),
+        ([*gen, "--max-memory", "0=1GB"], "invalid max_memory='0=1GB': names GPU 0, but this machine has 0 GPU(s)"),
+        ([*gen, "--retries", "-1"], "invalid retries=-1: must be an integer from 0 to 10"),
+        ([*gen, "--chunk-size", "0"], "invalid chunk_size=0: must be an integer >= 1"),
+        ([*gen, "--replicas", "0"], "invalid replicas=0: must be an integer >= 1"),
+        ([*gen, "--pool", "gpu"], "invalid store=None: a pool's replicas run on other machines"),
+        (["tiny-model", "file"], "invalid dir='file': already exists"),
+        (["tiny-model", "full"], "invalid dir='full': already exists"),
+        (["tiny-model", "new", "--seed", str(2**64 + 1)], f"invalid seed={2**64 + 1}: must be an integer from 0"),
+        (["batch", "a.txt", "--store", "file", "--model", model], "invalid store='file': must be a folder"),
+        (["batch", "fifo.txt", "--store", "b", "--model", model], "invalid prompts_file='fifo.txt'"),
+        (["gc", "file"], "invalid store='file'"),
+    ]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if not p.is_fifo()
+    }
+
+
+def test_every_bad_input_is_one_line_exit_2_and_changes_nothing(tiny_model: Path, work: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # this machine has no GPU, whatever the test machine has
+    env.pop("PREFECT_API_URL", None)
+    failures = []
+    for args, expected in table(str(tiny_model)):
+        before = snapshot(work)
+        proc = subprocess.run([sys.executable, "-c", RUN, *args], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        err = proc.stderr.strip().splitlines()
+        problems = []
+        if proc.returncode != 2:
+            problems.append(f"exit {proc.returncode}")
+        if len(err) != 1 or not err[0].startswith(f"stagediff: error: {expected}"):
+            problems.append(f"stderr {proc.stderr.strip()[:300]!r}")
+        if proc.stdout.split()[-2:] != ["False", "False"]:
+            problems.append(f"imported {proc.stdout.strip()[-60:]!r}")
+        if snapshot(work) != before:
+            problems.append("files changed")
+        if problems:
+            failures.append(f"{args}: {'; '.join(problems)}")
+    assert not failures, "\n".join(failures)
+
+
+def test_an_unreachable_prefect_server_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing listens on port 9
+    args = ["generate", "--prompt", "a dog", *SMALL, "--model", str(tiny_model), "--out", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-c", RUN, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        "stagediff: error: invalid PREFECT_API_URL='http://127.0.0.1:9/api': no Prefect server answers there: "
+        "start it (`prefect server start`) or unset the setting"
+    )
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,210 @@
+"""Nothing lost, nothing wrong, nothing stuck: the faults and habits of real users, each a test of its own
+(the bad inputs are in tests/test_refusals.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stagediff.artifacts import Store
+from stagediff.cli import main
+from tests.reference import read_image, run_generate
+
+SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16"]
+
+
+@pytest.fixture
+def api(prefect_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+
+
+def test_tiny_model_writes_only_a_new_or_empty_folder(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["tiny-model", str(tmp_path / "empty"), "--family", "sd15"]) == 0
+    assert (tmp_path / "empty" / "model_index.json").exists()
+    before = sorted(p.name for p in (tmp_path / "empty").iterdir())
+    assert main(["tiny-model", str(tmp_path / "empty"), "--family", "sd15"]) == 2  # not empty any more
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == before
+
+
+def test_resume_from_another_folder_uses_the_run_s_model_and_refuses_a_changed_one(
+    api, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for folder, seed in ((here, 0), (elsewhere, 7)):  # two different models under the same relative name
+        (folder / "models").mkdir(parents=True)
+        assert main(["tiny-model", str(folder / "models" / "flux"), "--seed", str(seed)]) == 0
+    monkeypatch.chdir(here)
+    assert main(["generate", "--model", "models/flux", "--prompt", "a dog", *SMALL, "--run-id", "r"]) == 0
+    manifest = json.loads((here / "outputs" / "r" / "manifest.json").read_text())
+    assert manifest["model"] == str(here / "models" / "flux")  # recorded absolute
+    image = (here / "outputs" / "r" / "images" / "00000.png").read_bytes()
+    (here / "outputs" / "r" / "images" / "00000.png").unlink()
+
+    monkeypatch.chdir(elsewhere)
+    assert main(["resume", str(here / "outputs" / "r")]) == 0
+    assert (here / "outputs" / "r" / "images" / "00000.png").read_bytes() == image  # the run's own model
+
+    # The run's model changes on disk: resume refuses in one line and changes nothing
+    weights = here / "models" / "flux" / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    before = (here / "outputs" / "r" / "manifest.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "stagediff.cli", "resume", str(here / "outputs" / "r")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "is no longer the one the run used" in proc.stderr
+    assert (here / "outputs" / "r" / "manifest.json").read_bytes() == before
+
+
+def test_a_component_of_another_class_gets_other_keys(tiny_model: Path, tmp_path: Path) -> None:
+    from stagediff.keys import model_identity
+
+    other = tmp_path / "other-class"
+    shutil.copytree(tiny_model, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["vae"] = ["diffusers", "AutoencoderTiny"]  # the same files, said to be another class
+    (other / "model_index.json").write_text(json.dumps(index))
+    a, b = model_identity(tiny_model), model_identity(other)
+    assert a.decoder != b.decoder and (a.text, a.denoiser) == (b.text, b.denoiser)
+
+
+def test_a_damaged_batch_json_is_kept_aside_with_a_warning(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from stagediff.batch import read_batch_manifest
+
+    (tmp_path / "batch.json").write_text('{"items": [truncated')
+    with caplog.at_level(logging.WARNING, logger="test"):
+        assert read_batch_manifest(tmp_path, logging.getLogger("test")) is None  # the run starts anew
+    assert any("batch.json is damaged: kept as batch.json.damaged-" in r.getMessage() for r in caplog.records)
+    assert [p.read_text() for p in tmp_path.glob("batch.json.damaged-*")] == ['{"items": [truncated']
+    assert not (tmp_path / "batch.json").exists()
+
+
+def test_a_damaged_batch_json_is_rebuilt_from_the_store(api, tiny_model: Path, tmp_path: Path) -> None:
+    prompts_file, folder = tmp_path / "p.txt", tmp_path / "batch"
+    prompts_file.write_text("a red dog\na cat\n")
+    args = ["batch", str(prompts_file), "--store", str(folder), "--model", str(tiny_model), *SMALL]
+    assert main(args) == 0
+    images = {p.name: p.read_bytes() for p in (folder / "images").iterdir()}
+    manifest = json.loads((folder / "batch.json").read_text())
+    manifest["runs"][0]["status"] = "running"  # as a killed run leaves it
+    (folder / "batch.json").write_text(json.dumps(manifest))
+    assert main(args) == 0
+    runs = json.loads((folder / "batch.json").read_text())["runs"]
+    assert runs[0]["status"] == "interrupted" and runs[1]["status"] == "completed"
+
+    (folder / "batch.json").write_text('{"items": [truncated')
+    assert main(args) == 0
+    kept = list(folder.glob("batch.json.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"items": [truncated', "the damaged file was not kept"
+    rebuilt = json.loads((folder / "batch.json").read_text())
+    assert [e["status"] for e in rebuilt["items"]] == ["done", "done"]
+    stages = rebuilt["runs"][-1]["stages"]
+    assert all(info["computed"] == [] for info in stages.values())  # nothing computed again
+    assert {p.name: p.read_bytes() for p in (folder / "images").iterdir()} == images
+
+
+def test_a_prompts_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    from stagediff.request import read_prompts_file
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffa dog\na cat\n".encode())
+    assert read_prompts_file(str(path)) == ["a dog", "a cat"]
+
+
+def test_identical_tensors_give_identical_bytes(tmp_path: Path) -> None:
+    import torch
+
+    blobs = []
+    for n, order in enumerate((["b", "a", "z"], ["z", "a", "b"])):
+        store = Store(tmp_path / f"s{n}")
+        meta = {k: f"value {k} é" for k in order}
+        store.save_tensors("latents", "k" * 64, {"latents": torch.arange(6.0)}, meta)
+        blobs.append(store.load("latents", "k" * 64))
+    assert blobs[0] == blobs[1]
+
+
+def test_pngs_say_what_made_them_and_the_command_makes_it_again(
+    api, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    manifest = run_generate(prompts=["a red fox"], negative_prompts=None, seed=11, model=str(tiny_model), steps=2,
+                            height=64, width=48, max_sequence_length=16, out="first", run_id="r")  # fmt: skip
+    path = tmp_path / "first" / "r" / manifest["items"][0]["image"]
+    text = Image.open(path).text
+    assert text["parameters"].splitlines() == [
+        "a red fox",
+        "Steps: 2, Sampler: FlowMatchEulerDiscreteScheduler, CFG scale: 3.5, Seed: 11, Size: 48x64, "
+        f"Model: {tiny_model.name}, Model hash: {manifest['model_hash']}",
+    ]
+    request = json.loads(text["stagediff"])
+    assert (request["prompt"], request["seed"], request["settings"]["steps"]) == ("a red fox", 11, 2)
+    # The recorded command, run as it is, makes the same file
+    import shlex
+
+    argv = shlex.split(request["command"])
+    assert argv[:2] == ["stagediff", "generate"]
+    assert main([*argv[1:], "--out", "again", "--run-id", "r"]) == 0
+    assert (tmp_path / "again" / "r" / "images" / "00000.png").read_bytes() == path.read_bytes()
+    # --no-metadata: neither chunk, the same pixels, another store key
+    assert main([*argv[1:], "--out", "bare", "--run-id", "r", "--no-metadata"]) == 0
+    bare = tmp_path / "bare" / "r" / "images" / "00000.png"
+    assert not {"parameters", "stagediff"} & set(Image.open(bare).text)
+    np.testing.assert_array_equal(read_image(bare), read_image(path))
+    keys = [
+        json.loads((tmp_path / d / "r" / "manifest.json").read_text())["items"][0]["keys"] for d in ("again", "bare")
+    ]
+    assert keys[0]["latents"] == keys[1]["latents"] and keys[0]["images"] != keys[1]["images"]
+
+
+HOLD = (
+    "import sys, time, logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
+    "from stagediff.stages.work import hold_devices; hold_devices(sys.argv[1]); print('holding', flush=True); "
+    "time.sleep(float(sys.argv[2]))"
+)
+
+
+def test_a_gpu_is_held_by_one_stage_process_and_freed_when_it_dies(tmp_path: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "7", "STAGEDIFF_CACHE": str(tmp_path)}
+    first = subprocess.Popen([sys.executable, "-c", HOLD, "denoise", "60"], env=env, stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline().strip() == "holding"
+    second = subprocess.Popen([sys.executable, "-c", HOLD, "decode", "0"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    waiting = ""
+    while "waiting for GPU 7" not in waiting and time.monotonic() < deadline:
+        waiting += second.stderr.readline()
+    assert f"waiting for GPU 7: held by pid {first.pid} (denoise stage)" in waiting
+    time.sleep(0.5)
+    assert second.poll() is None  # still waiting
+    os.kill(first.pid, signal.SIGKILL)  # the holder dies: the kernel frees the device
+    assert second.wait(30) == 0 and "holding" in second.stdout.read()
+    first.wait()
+
+
+def test_a_large_request_travels_by_reference(api, tiny_model: Path, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from stagediff.request import Prompts
+
+    with pytest.raises(ValidationError, match="too large to travel as flow parameters"):
+        Prompts(prompts=["a long prompt, " * 20] * 1000)  # ~300 KB inline: refused up front
+    path = tmp_path / "prompts.txt"
+    path.write_text("a dog\na cat\n")
+    manifest = run_generate(file=str(path), model=str(tiny_model), steps=2, height=64, width=64,
+                            max_sequence_length=16, out=str(tmp_path), run_id="file")  # fmt: skip
+    assert [item["prompt"] for item in manifest["items"]] == ["a dog", "a cat"]
