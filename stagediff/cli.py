@@ -142,6 +142,7 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-dir", help="folder for weights offloaded to disk")
     parser.add_argument("--tiled-decode", action="store_true", help="decode in VAE tiles (large images)")
     parser.add_argument("--sliced-decode", action="store_true", help="decode one image of a batch at a time")
+    parser.add_argument("--variant", help="weights variant to load, e.g. fp16 (files *.fp16.safetensors)")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -161,7 +162,7 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def placement_of(args: argparse.Namespace) -> dict:
-    names = ("batch_size", "dtype", "max_memory", "offload_dir", "tiled_decode", "sliced_decode")
+    names = ("batch_size", "dtype", "max_memory", "offload_dir", "tiled_decode", "sliced_decode", "variant")
     return {name: getattr(args, name) for name in names}
 
 
@@ -218,7 +219,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if model_arg is not None and manifest.get("model_hash"):
         from stagediff.keys import model_hash, model_identity
 
-        found = model_hash(model_identity(request.model))
+        found = model_hash(model_identity(request.model, request.placement.variant))
         if found != manifest["model_hash"]:
             allowed = (f"its model {request.model} is no longer the one the run used (fingerprint {found} != "
                        f"{manifest['model_hash']}): nothing was changed; start a new run for this model")  # fmt: skip

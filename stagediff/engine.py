@@ -272,6 +272,7 @@ class Engine:
         if s.crops_coords_top_left != (0, 0):
             command += ["--crop-top-left", f"{s.crops_coords_top_left[0]},{s.crops_coords_top_left[1]}"]
         command += ["--tiled-decode"] * self.tiled_decode + ["--sliced-decode"] * self.sliced_decode
+        command += ["--variant", self.ctx.variant] if self.ctx.variant else []
         return {
             "prompt": item.prompt,
             "negative_prompt": item.negative_prompt,
@@ -328,10 +329,11 @@ def build_engine(
         max_memory=placement.max_memory,
         offload_dir=placement.offload_dir,
         store_options=store_options,
+        variant=placement.variant,
     )
     return Engine(
         ctx=ctx,
-        identity=model_identity(model),
+        identity=model_identity(model, placement.variant),
         tiled_decode=placement.tiled_decode,
         sliced_decode=placement.sliced_decode,
         strict=options.strict,

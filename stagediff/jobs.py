@@ -32,6 +32,7 @@ class StageContext:
     max_memory: dict[str, str] | None = None
     offload_dir: str | None = None
     store_options: dict[str, Any] | None = None  # fsspec storage options of a URL store
+    variant: str | None = None  # the weights variant every from_pretrained loads ("fp16"), or the plain ones
 
     def open_store(self) -> Store:
         from stagediff.artifacts import Store

@@ -84,7 +84,8 @@ class ModelIdentity:
     vae_scale_factor: int  # the latent geometry denoise uses
 
 
-def model_identity(model: str | Path) -> ModelIdentity:
+def model_identity(model: str | Path, variant: str | None = None) -> ModelIdentity:
+    """`variant`: the weights variant the stages load (another variant is another model)."""
     model = Path(model)
     family, index = family_for(model), model_index(model)
     on_disk = [
@@ -93,7 +94,8 @@ def model_identity(model: str | Path) -> ModelIdentity:
     hashes = FileHashes()
     # a component is its [library, class] and its files: the same weights under another class are another model
     fingerprints = {
-        name: digest({"class": index[name], "files": component_fingerprint(model, name, hashes)}) for name in on_disk
+        name: digest({"class": index[name], "files": component_fingerprint(model, name, hashes), "variant": variant})
+        for name in on_disk
     }
     hashes.save()
     scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())

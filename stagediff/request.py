@@ -79,6 +79,7 @@ ALLOWED = {
     "retries": "must be an integer from 0 to 10",
     "dtype": "must be one of auto, float32, bfloat16, float16",
     "prompts": "must hold at least one non-empty prompt",
+    "variant": "must be a weights variant name such as fp16 (letters, digits, '_' or '-')",
 }
 
 
@@ -211,6 +212,9 @@ class Placement(_Model):
     offload_dir: str | None = Field(default=None, description="Folder for weights offloaded to disk.")
     tiled_decode: bool = Field(default=False, description="Decode in VAE tiles (bounded memory for large images).")
     sliced_decode: bool = Field(default=False, description="Decode one image of a batch at a time.")
+    variant: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Weights variant to load, e.g. fp16 (*.fp16.*)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -279,7 +283,7 @@ class GenerateRequest(_Model):
         if not _RUN_ID.fullmatch(self.run_id) or self.run_id in {".", ".."}:  # fullmatch: no trailing newline
             raise RequestError("run_id", self.run_id, ALLOWED["run_id"])
         if (info.context or {}).get("check_model", True):
-            family = FAMILIES[check_model_dir(self.model)["_class_name"]]
+            family = FAMILIES[check_model_dir(self.model, self.placement.variant)["_class_name"]]
             self.settings.check_family(family, self.negative_prompts is not None)
             if family.true_cfg and self.negative_prompts is not None and self.settings.true_cfg_scale <= 1:
                 allowed = f"{family.pipeline_class} uses negative prompts only with true_cfg_scale > 1"
@@ -392,8 +396,9 @@ def read_text_file(parameter: str, path: str | Path, what: str) -> str:
         raise RequestError(parameter, str(path), f"could not be read ({exc.strerror}); it must be a {what}") from None
 
 
-def check_model_dir(model: str) -> dict[str, Any]:
-    """Check that `model` is a local diffusers pipeline folder we can run; return its model_index.json."""
+def check_model_dir(model: str, variant: str | None = None) -> dict[str, Any]:
+    """Check that `model` is a local diffusers pipeline folder we can run (with weights of `variant`, or
+    the plain ones); return its model_index.json."""
     path = Path(model)
     if not path.is_dir():
         raise RequestError("model", model, "must be an existing diffusers pipeline folder or a reachable Hub id")
@@ -423,13 +428,29 @@ def check_model_dir(model: str) -> dict[str, Any]:
         folder = path / component
         if not entry or entry[0] is None or not folder.is_dir() or not any(folder.iterdir()):
             raise RequestError("model", model, f"component {component!r} is missing from the pipeline folder")
-        if component in WEIGHTED_COMPONENTS and not any(_WEIGHTS.fullmatch(f.name) for f in folder.iterdir()):
+        if component not in WEIGHTED_COMPONENTS:
+            continue
+        variants = {_variant(m) for m in map(_WEIGHTS.fullmatch, (f.name for f in folder.iterdir())) if m}
+        if variant not in variants:
+            if variant is None and variants:
+                allowed = f"component {component!r} has only variant weights ({', '.join(sorted(variants))})"
+                raise RequestError("model", model, allowed + ": pass --variant (placement.variant)")
+            if variant is not None and variants:
+                allowed = f"component {component!r} has no {variant!r} variant weights (it has: "
+                shown = ", ".join(sorted(v or "the plain ones" for v in variants))
+                raise RequestError("model", model, f"{allowed}{shown})")
             allowed = (
                 f"component {component!r} has no safetensors weights under the names diffusers loads "
                 "(diffusion_pytorch_model.safetensors, model.safetensors or their shards; pickled weights are refused)"
             )
             raise RequestError("model", model, allowed)
     return index
+
+
+def _variant(match: re.Match) -> str | None:
+    """The variant of a weights file name matched by _WEIGHTS ("fp16" of model.fp16.safetensors), or None."""
+    suffix = match.group(2) or match.group(5)
+    return suffix[1:] if suffix else None
 
 
 def known_library(library: str) -> bool:

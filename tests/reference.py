@@ -15,6 +15,7 @@ def reference_images(
     negative_prompts: list[str] | None = None,
     dtype: str | None = None,
     tiled_decode: bool = False,
+    variant: str | None = None,
     **call_kwargs,
 ) -> list[np.ndarray]:
     """`DiffusionPipeline.from_pretrained(model)(prompt, generator=Generator("cpu").manual_seed(seed + i), ...)`,
@@ -22,7 +23,8 @@ def reference_images(
     import torch
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(model), **({"dtype": getattr(torch, dtype)} if dtype else {}))
+    options = {"dtype": getattr(torch, dtype)} if dtype else {}
+    pipe = DiffusionPipeline.from_pretrained(str(model), **options, **({"variant": variant} if variant else {}))
     pipe.set_progress_bar_config(disable=True)
     if tiled_decode:
         pipe.vae.enable_tiling()

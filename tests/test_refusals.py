@@ -80,6 +80,8 @@ def table(model: str) -> list[tuple[list[str], str]]:
         ([*gen[:-1], "latin1"], "invalid model='latin1': is not a diffusers pipeline: no readable UTF-8"),
         ([*gen, "--max-memory", "0=1GB"], "invalid max_memory='0=1GB': names GPU 0, but this machine has 0 GPU(s)"),
         ([*gen, "--retries", "-1"], "invalid retries=-1: must be an integer from 0 to 10"),
+        ([*gen, "--variant", "a/b"], "invalid variant='a/b': must be a weights variant name such as fp16"),
+        ([*gen, "--variant", "fp8"], f"invalid model='{model}': component 'vae' has no 'fp8' variant weights"),
         ([*gen, "--chunk-size", "0"], "invalid chunk_size=0: must be an integer >= 1"),
         ([*gen, "--replicas", "0"], "invalid replicas=0: must be an integer >= 1"),
         ([*gen, "--pool", "gpu"], "invalid store=None: a pool's replicas run on other machines"),

@@ -208,3 +208,21 @@ def test_a_large_request_travels_by_reference(api, tiny_model: Path, tmp_path: P
     manifest = run_generate(file=str(path), model=str(tiny_model), steps=2, height=64, width=64,
                             max_sequence_length=16, out=str(tmp_path), run_id="file")  # fmt: skip
     assert [item["prompt"] for item in manifest["items"]] == ["a dog", "a cat"]
+
+
+def test_a_model_saved_as_a_variant_only_loads_with_that_variant(api, tiny_model: Path, tmp_path: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    from tests.reference import reference_images
+
+    variant = tmp_path / "fp16-only"
+    DiffusionPipeline.from_pretrained(str(tiny_model)).save_pretrained(variant, variant="fp16")
+    assert list(variant.glob("vae/*.fp16.safetensors")) and not list(variant.glob("vae/*model.safetensors"))
+    args = ["generate", "--model", str(variant), "--prompt", "a dog", *SMALL, "--seed", "4", "--out", str(tmp_path)]
+    refused = subprocess.run([sys.executable, "-m", "stagediff.cli", *args, "--run-id", "plain"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "has only variant weights (fp16): pass --variant" in refused.stderr
+    assert main([*args, "--run-id", "v", "--variant", "fp16"]) == 0
+    expected = reference_images(variant, ["a dog"], 4, num_inference_steps=2, height=64, width=64,
+                                max_sequence_length=16, variant="fp16")  # fmt: skip
+    np.testing.assert_array_equal(read_image(tmp_path / "v" / "images" / "00000.png"), expected[0])

@@ -56,7 +56,12 @@ def load_denoiser(ctx: StageContext):
         offload_dir = ctx.offload_dir or str(Path(ctx.work_dir) / "offload")
         kwargs.update(device_map=auto_device_map(cls, ctx, family.denoiser), offload_folder=offload_dir)
     denoiser = cls.from_pretrained(
-        ctx.model, subfolder=family.denoiser, dtype=torch_dtype(ctx.dtype), use_safetensors=True, **kwargs
+        ctx.model,
+        subfolder=family.denoiser,
+        dtype=torch_dtype(ctx.dtype),
+        use_safetensors=True,
+        variant=ctx.variant,
+        **kwargs,
     )
     pipe = load_pipeline(ctx, (), **{family.denoiser: denoiser})
     # Without a VAE, diffusers assumes a scale factor of 8; take the real one from the VAE's config.

@@ -27,7 +27,7 @@ def load_pipeline(ctx: StageContext, keep: tuple[str, ...], **kwargs: Any):
     if index.get("requires_safety_checker") and "safety_checker" not in keep:
         skipped["requires_safety_checker"] = False  # SD 1.5: the checker runs in `decode`, not missing here
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
-        ctx.model, dtype=torch_dtype(ctx.dtype), use_safetensors=True, **skipped, **kwargs
+        ctx.model, dtype=torch_dtype(ctx.dtype), use_safetensors=True, variant=ctx.variant, **skipped, **kwargs
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
