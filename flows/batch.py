@@ -98,8 +98,9 @@ def batch(
             row.negative_prompt and item.negative_prompt is None for row, item in zip(rows, items, strict=True)
         ):
             logger.warning("negative_prompt is kept in batch.json but not used: FLUX.1 needs true CFG for it")
+        keys = {item.index: entry["keys"] for item, entry in zip(items, entries, strict=True)}
         if options.strict:
-            engine.verify(items, {item.index: entry["keys"] for item, entry in zip(items, entries, strict=True)})
+            engine.verify(items, keys)
         manifest = read_batch_manifest(store_dir, logger) or new_manifest()
         todo_ids = set(plan(manifest, entries, store_dir))
         todo = [item for row, item in zip(rows, items, strict=True) if row.id in todo_ids]
@@ -110,7 +111,6 @@ def batch(
 
         # 3. encode -> denoise -> decode for the items to do; each image lands in the folder as soon as it is made
         by_position = {row.position: row for row in rows}
-        keys = {item.index: entry["keys"] for item, entry in zip(items, entries, strict=True)}
         blobs = Store(artifact_store)
 
         def on_stored(stage: str, refs: dict[int, ItemRef]) -> None:

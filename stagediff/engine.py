@@ -15,6 +15,7 @@ settings into batches itself: items with other settings never cost another load.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shlex
@@ -173,12 +174,7 @@ class Engine:
                 progress.todo(stage, len(todo))
                 self.logger.info("%s: %d of %d items to compute [%s]", stage, len(todo), len(chunk), label)
                 job = self.job(stage, todo, keys, refs)
-                stored: list[int] = []  # what the stage process reported stored, kept if it is interrupted
-
-                def on_item(index: int, stage: str = stage, stored: list[int] = stored) -> None:
-                    stored.append(index)
-                    progress.stored(stage, index)
-
+                on_item = lambda index, stage=stage: progress.stored(stage, index)  # noqa: E731
                 try:
                     if self.prefect_tasks:
                         from stagediff.tasks import run_stage  # the flows' Prefect task (imports Prefect)
@@ -189,8 +185,8 @@ class Engine:
                         result = task(stage, job, on_item=on_item)
                     else:
                         result = run_stage_process(stage, job, on_item, self.logger)
-                except BaseException:
-                    record.computed += sorted(set(stored))  # in the store: a rerun reuses them
+                except BaseException:  # what its process had stored is in the store: a rerun reuses it
+                    record.computed += sorted({i for s, i in progress.seen if s == stage} & {i.index for i in todo})
                     record.interrupted = True
                     raise
                 found |= self.collect(store, kind, todo, keys, result)
@@ -255,6 +251,10 @@ class Engine:
                             self.parameters(i) if self.metadata else None) for i in todo]  # fmt: skip
         return DecodeJob(self.ctx, items, tiled=self.tiled_decode, sliced=self.sliced_decode)
 
+    @functools.cached_property
+    def model_hash(self) -> str:
+        return model_hash(self.identity)
+
     def parameters(self, item: Item) -> dict[str, Any]:
         """What made an item's image, as its PNG records it: enough to make it again with `stagediff generate`."""
         s = item.settings
@@ -279,7 +279,7 @@ class Engine:
             "seed": item.seed,
             "settings": asdict(s),
             "model": self.ctx.model,
-            "model_hash": model_hash(self.identity),
+            "model_hash": self.model_hash,
             "scheduler": self.identity.scheduler.get("_class_name"),
             "dtype": self.ctx.dtype,
             "tiled_decode": self.tiled_decode,

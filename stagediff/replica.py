@@ -14,7 +14,6 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,7 +32,7 @@ class ReplicaItem(BaseModel):
     prompt: str
     negative_prompt: str | None = None
     seed: int
-    settings: dict[str, Any]  # DenoiseSettings' fields
+    settings: DenoiseSettings
 
 
 class ReplicaJob(BaseModel):
@@ -144,9 +143,7 @@ def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None
         job.model, job.placement, job.store, work_dir, job.options, job.store_options,
         prefect_tasks=prefect_tasks, logger=logger or log,
     )  # fmt: skip
-    items = [
-        Item(i.index, i.prompt, i.negative_prompt, i.seed, DenoiseSettings(**_tuples(i.settings))) for i in job.items
-    ]
+    items = [Item(i.index, i.prompt, i.negative_prompt, i.seed, i.settings) for i in job.items]
     keys = {item.index: engine.keys(item) for item in items}
     sha256: dict[int, dict[str, str]] = {item.index: {} for item in items}
 
@@ -169,17 +166,12 @@ def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None
     return result
 
 
-def _tuples(settings: dict[str, Any]) -> dict[str, Any]:
-    """JSON lists back to the tuples DenoiseSettings holds (they are part of the keys)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-
-
 def replica_items(items: list, indexes: range) -> list[ReplicaItem]:
     """The `engine.Item`s at `indexes` as a share's items."""
     share = [items[n] for n in indexes]
     return [
         ReplicaItem(index=i.index, prompt=i.prompt, negative_prompt=i.negative_prompt, seed=i.seed,
-                    settings=asdict(i.settings))
+                    settings=i.settings)
         for i in share
     ]  # fmt: skip
 
