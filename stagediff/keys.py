@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,9 +178,14 @@ def item_keys(
 
 @functools.cache
 def resolve_dtype(dtype: str) -> str:
-    """The dtype the stages will use ("auto" depends on the machine): asked of a stage process, never torch here."""
+    """The dtype the stages will use ("auto" depends on the machine): asked of a stage process, never torch here
+    (unless this process descends from the stage forkserver: torch imported, CUDA asked of NVML only)."""
     if dtype != "auto":
         return dtype
+    if "stagediff.preload" in sys.modules:  # e.g. a fan-out's local replica: no process to start
+        from stagediff.stages.devices import dtype_name
+
+        return dtype_name(dtype)
     from stagediff.isolation import run_isolated
 
     return run_isolated("stagediff.stages.devices:dtype_name", dtype, name="probe")[0]
