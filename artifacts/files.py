@@ -40,6 +40,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> str:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as exc:  # e.g. a full disk: say which file it was writing, leave no partial file
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

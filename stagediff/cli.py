@@ -8,6 +8,7 @@ nothing, writes nothing and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import re
@@ -405,6 +406,24 @@ def main(argv: list[str] | None = None) -> int:
     except ArtifactError as exc:  # a damaged artifact under --strict
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as exc:
+        if (where := disk_full(exc)) is None:
+            raise
+        print(f"stagediff: error: no space left on device writing {where}: free some space and run the same "
+              "command again (everything stored so far is kept and reused)", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The file being written when the disk filled up, if that is what `exc` (or its cause) is; a stage's error
+    arrives as text: "OSError: [Errno 28] No space left on device: '/path'"."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return str(exc.filename or "a file")
+        if found := re.search(r"\[Errno 28\] [^:]*: '([^']*)'", str(exc)):
+            return found.group(1)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def run() -> None:
