@@ -32,7 +32,7 @@ from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.engine import Item
 from stagediff.family import family_for
 from stagediff.flows.fanout import ReplicaFailed, failure, run_replicas, share_jobs
-from stagediff.flows.running import run_name, start_engine
+from stagediff.flows.running import refusals_are_final, run_name, start_engine
 from stagediff.flows.ui import caption, gallery, items_table
 from stagediff.jobs import ItemRef
 from stagediff.progress import Progress
@@ -70,13 +70,14 @@ def batch(
     """
     logger = get_run_logger()
     # 1. Check the parameters, then every line of the file (before any model is built or loaded, and before
-    #    anything is written)
-    fields = dict(prompts=["-"], run_id="batch", seed=seed, settings=settings, placement=placement)
-    validate_request(**fields, model=model or str(default_model_dir()), check_model=False)
-    rows = check_batch(prompts_file, store, seed)
-    fan_out = replicas is not None or device_groups is not None or threads is not None
-    groups = plan_replicas(replicas, device_groups, None, None, threads) if fan_out else None
-    request = validate_request(**fields, model=model or str(ensure_default_model()))
+    #    anything is written; never retried)
+    with refusals_are_final():
+        fields = dict(prompts=["-"], run_id="batch", seed=seed, settings=settings, placement=placement)
+        validate_request(**fields, model=model or str(default_model_dir()), check_model=False)
+        rows = check_batch(prompts_file, store, seed)
+        fan_out = replicas is not None or device_groups is not None or threads is not None
+        groups = plan_replicas(replicas, device_groups, None, None, threads) if fan_out else None
+        request = validate_request(**fields, model=model or str(ensure_default_model()))
     store_dir = Path(store)
 
     # 2. Plan: name every item's artifacts; skip the items whose image is already in the folder. A second run

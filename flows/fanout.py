@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store, write_manifest
 from stagediff.engine import Item, request_items
-from stagediff.flows.running import checked_request, run_name
+from stagediff.flows.running import checked_request, refusals_are_final, run_name
 from stagediff.flows.ui import label_flow_run, model_tag
 from stagediff.isolation import StageError, run_isolated, warm_up
 from stagediff.replica import ReplicaJob, plan_replicas, replica_items, split
@@ -164,11 +164,12 @@ def fanout(
         job_variables: With a pool: job variables of every replica's flow run (e.g. {"env": {...}}).
     """
     logger = get_run_logger()
-    # 1. Check inputs (before any model is built or loaded, and before anything is written)
-    groups = plan_replicas(replicas, device_groups, pool, output.store, threads)
-    request, store_location = checked_request(prompts, settings, model, placement, output)
-    run_dir = request.run_dir
-    manifest = open_manifest(request)
+    # 1. Check inputs (before any model is built or loaded, and before anything is written; never retried)
+    with refusals_are_final():
+        groups = plan_replicas(replicas, device_groups, pool, output.store, threads)
+        request, store_location = checked_request(prompts, settings, model, placement, output)
+        run_dir = request.run_dir
+        manifest = open_manifest(request)
     if not pool:
         warm_up(request.model)  # local replicas fork from it: torch and the model's classes imported once
     label_flow_run(None if output.run_id else f"fanout {request.run_id}", model_tag(model))

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store, write_manifest
 from stagediff.engine import request_items
-from stagediff.flows.running import checked_request, run_name, start_engine
+from stagediff.flows.running import checked_request, refusals_are_final, run_name, start_engine
 from stagediff.flows.ui import caption, gallery, items_table
 from stagediff.progress import Progress
 from stagediff.request import (
@@ -48,10 +48,11 @@ def generate(
         options: Strict (stop at a damaged artifact), retries of a failed stage, chunk size (empty: automatic).
     """
     logger = get_run_logger()
-    # 1. Check inputs (before any model is built or loaded, and before anything is written)
-    request, store_location = checked_request(prompts, settings, model, placement, output)
-    run_dir = request.run_dir
-    manifest = open_manifest(request)
+    # 1. Check inputs (before any model is built or loaded, and before anything is written; never retried)
+    with refusals_are_final():
+        request, store_location = checked_request(prompts, settings, model, placement, output)
+        run_dir = request.run_dir
+        manifest = open_manifest(request)
 
     # 2. The engine; every artifact named by its content key (the store may hold some already)
     engine = start_engine(

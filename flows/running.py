@@ -1,11 +1,14 @@
-"""What both flows do around the engine: start the stage processes' imports early, name and tag the
-flow run, resolve the model's identity and dtype, and build the engine."""
+"""What the flows do around the engine: start the stage processes' imports early, name and tag the
+flow run, resolve the model's identity and dtype, build the engine, and never retry bad input."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from prefect import get_run_logger
+from prefect import get_client, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from stagediff.default_model import default_model_dir, ensure_default_model
@@ -66,3 +69,20 @@ def run_name() -> str:
     output = params.get("output")
     run_id = output.get("run_id") if isinstance(output, dict) else getattr(output, "run_id", None)
     return f"{name} {run_id}" if run_id else name
+
+
+@contextmanager
+def refusals_are_final() -> Iterator[None]:
+    """Bad input raised inside fails the flow run at once, whatever its retries.
+
+    Deployments retry a failed flow run (prefect.yaml), but Prefect 3.8's flows, unlike its tasks, take no
+    `retry_condition_fn`: so a refusal sets this run's retries to 0 (the server then lets it fail)."""
+    try:
+        yield
+    except ValueError:  # RequestError, BatchFileError, pydantic's ValidationError: bad input, never transient
+        context = FlowRunContext.get()
+        if context is not None and context.flow_run is not None and context.flow_run.empirical_policy.retries:
+            policy = context.flow_run.empirical_policy.model_copy(update={"retries": 0})
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(context.flow_run.id, empirical_policy=policy)
+        raise

@@ -144,6 +144,11 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiled-decode", action="store_true", help="decode in VAE tiles (large images)")
     parser.add_argument("--sliced-decode", action="store_true", help="decode one image of a batch at a time")
     parser.add_argument("--variant", help="weights variant to load, e.g. fp16 (files *.fp16.safetensors)")
+    parser.add_argument("--revision", help="with a Hub id: the branch, tag or commit to load (default: main)")
+    parser.add_argument("--pipeline-stages", type=int, default=1, help="split the denoiser into N parts, one "
+                        "process (GPU) each, and stream micro-batches (--batch-size items) through them")  # fmt: skip
+    parser.add_argument("--pipeline-split", help="blocks where parts 2..N start, comma-separated, e.g. "
+                        "single_transformer_blocks.4 (default: equal estimated compute)")  # fmt: skip
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -163,8 +168,12 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def placement_of(args: argparse.Namespace) -> dict:
-    names = ("batch_size", "dtype", "max_memory", "offload_dir", "tiled_decode", "sliced_decode", "variant")
-    return {name: getattr(args, name) for name in names}
+    names = ("batch_size", "dtype", "max_memory", "offload_dir", "tiled_decode", "sliced_decode", "variant", "revision")
+    fields = {name: getattr(args, name) for name in names}
+    fields["pipeline_stages"] = args.pipeline_stages
+    if args.pipeline_split is not None:
+        fields["pipeline_split"] = [name.strip() for name in args.pipeline_split.split(",")]
+    return fields
 
 
 def run_options_of(args: argparse.Namespace) -> RunOptions:
@@ -259,7 +268,13 @@ def run_flow(
         done = f"computed {len(info['computed'])}, reused {len(info['reused'])}"
         seconds, rss, loads = info["seconds"], info["peak_rss_mb"], info["loads"]
         print(f"  {stage:8s} pid {info['pid']}  {seconds:7.2f} s  peak RSS {rss:7.0f} MB  {done}  loads {loads}")
-        print(f"           device map: {info.get('device_map')}")
+        pipeline = next((p["pipeline"] for p in info.get("processes", []) if "pipeline" in p), None)
+        if pipeline:
+            for part in pipeline["parts"]:
+                blocks = f"{part['blocks'][0]} .. {part['blocks'][-1]}"
+                print(f"           part {part['part']} on {part['device']}: {blocks}, busy {part['busy_fraction']:.0%}")
+        else:
+            print(f"           device map: {info.get('device_map')}")
         for warning in info.get("warnings", []):
             print(f"           warning: {warning}")
     return 0

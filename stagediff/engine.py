@@ -193,7 +193,8 @@ class Engine:
                 record.computed += [item.index for item in todo]
                 record.processes.append({**result.process, "items": sorted(r.index for r in result.items),
                                          "loads": result.loads, "load_seconds": result.load_seconds,
-                                         "compute_seconds": result.compute_seconds})  # fmt: skip
+                                         "compute_seconds": result.compute_seconds,
+                                         **({"pipeline": result.pipeline} if result.pipeline else {})})  # fmt: skip
                 record.device_map = record.device_map or result.device_map
                 record.environment = record.environment or result.environment
                 record.warnings += [w for w in result.warnings if w not in record.warnings]
@@ -330,6 +331,9 @@ def build_engine(
         offload_dir=placement.offload_dir,
         store_options=store_options,
         variant=placement.variant,
+        revision=placement.revision,
+        pipeline_stages=placement.pipeline_stages,
+        pipeline_split=tuple(placement.pipeline_split) if placement.pipeline_split else None,
     )
     return Engine(
         ctx=ctx,

@@ -33,6 +33,9 @@ class StageContext:
     offload_dir: str | None = None
     store_options: dict[str, Any] | None = None  # fsspec storage options of a URL store
     variant: str | None = None  # the weights variant every from_pretrained loads ("fp16"), or the plain ones
+    revision: str | None = None  # the Hub revision `model` was resolved at (its snapshot folder); None: main
+    pipeline_stages: int = 1  # > 1: denoise with the denoiser split into this many parts, one process each
+    pipeline_split: tuple[str, ...] | None = None  # the blocks where parts 2..N start; None: balanced parameters
 
     def open_store(self) -> Store:
         from stagediff.artifacts import Store
@@ -135,4 +138,5 @@ class StageResult:
     load_seconds: float = 0.0
     compute_seconds: float = 0.0  # everything after loading: the items' work, reads and writes
     environment: dict | None = None  # what the process saw: CUDA_VISIBLE_DEVICES and torch's thread count
+    pipeline: dict | None = None  # denoise in parts: the split (blocks per part and device) and each part's time
     process: dict | None = None  # set by the parent: pid, seconds, start-up, peak RSS (isolation.ProcessStats)

@@ -80,6 +80,9 @@ ALLOWED = {
     "dtype": "must be one of auto, float32, bfloat16, float16",
     "prompts": "must hold at least one non-empty prompt",
     "variant": "must be a weights variant name such as fp16 (letters, digits, '_' or '-')",
+    "revision": "must be a Hub branch, tag or commit such as main, v1.0 or refs/pr/1 (letters, digits, . _ - /)",
+    "pipeline_stages": "must be an integer from 1 to 64",
+    "pipeline_split": "must be block names such as single_transformer_blocks.4 (where parts 2..N start)",
 }
 
 
@@ -215,6 +218,21 @@ class Placement(_Model):
     variant: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Weights variant to load, e.g. fp16 (*.fp16.*)."
     )
+    revision: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_-]+([./][A-Za-z0-9_-]+)*$",  # no "..", no leading or trailing "/"
+        description="Hub id only: the branch, tag or commit to load, e.g. v1.0 or a commit hash; empty: main.",
+    )
+    pipeline_stages: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Split the denoiser into this many parts, one process (device) each, micro-batches streamed.",
+    )
+    pipeline_split: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,64}\.[0-9]{1,4}$")]] | None = Field(
+        default=None, description="Blocks where parts 2..N start, e.g. [single_transformer_blocks.4]; empty: balanced."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -285,6 +303,7 @@ class GenerateRequest(_Model):
         if (info.context or {}).get("check_model", True):
             family = FAMILIES[check_model_dir(self.model, self.placement.variant)["_class_name"]]
             self.settings.check_family(family, self.negative_prompts is not None)
+            check_pipeline_stages(self.model, family, self.placement)
             if family.true_cfg and self.negative_prompts is not None and self.settings.true_cfg_scale <= 1:
                 allowed = f"{family.pipeline_class} uses negative prompts only with true_cfg_scale > 1"
                 raise RequestError("negative_prompts", self.negative_prompts, allowed + " (its guidance is distilled)")
@@ -293,6 +312,33 @@ class GenerateRequest(_Model):
     @property
     def run_dir(self) -> Path:
         return Path(self.out) / self.run_id
+
+
+def check_pipeline_stages(model: str, family: type[Family], placement: Placement) -> None:
+    """`pipeline_stages` and `pipeline_split` against the model's blocks and this machine's GPUs."""
+    n, split = placement.pipeline_stages, placement.pipeline_split
+    if n == 1:
+        if split:
+            raise RequestError("pipeline_split", split, "needs pipeline_stages > 1")
+        return
+    if not family.denoiser_blocks:
+        allowed = f"must be 1 for {family.pipeline_class}: its UNet's skip connections cross its blocks (Flux, SD3: 2+)"
+        raise RequestError("pipeline_stages", n, allowed)
+    blocks = family.block_names(model)
+    if n > len(blocks):
+        raise RequestError("pipeline_stages", n, f"must be at most the denoiser's {len(blocks)} blocks")
+    gpus = visible_gpus()
+    if gpus and n > len(gpus):
+        raise RequestError("pipeline_stages", n, f"must be at most the {len(gpus)} visible GPUs (one part per GPU)")
+    if placement.max_memory or placement.offload_dir:
+        allowed = "places each part whole on its own device: leave max_memory and offload_dir out"
+        raise RequestError("pipeline_stages", n, allowed)
+    if split is not None:
+        at = [blocks.index(name) if name in blocks else -1 for name in split]
+        if len(split) != n - 1 or -1 in at or at != sorted(set(at)) or at[0] == 0:
+            allowed = (f"must name {n - 1} of the denoiser's blocks in forward order, after the first, where parts "
+                       f"2..{n} start ({blocks[0]} .. {blocks[-1]})")  # fmt: skip
+            raise RequestError("pipeline_split", split, allowed)
 
 
 def one_line(exc: ValidationError, prefix: str = "") -> RequestError:
@@ -321,7 +367,11 @@ def validate_request(check_model: bool = True, **fields: Any) -> GenerateRequest
             given = fields.get(group) or {}
             fields[group] = {**(given.model_dump() if isinstance(given, BaseModel) else given), **flat}
     if check_model and isinstance(fields.get("model"), str):
-        fields["model"] = resolve_model(fields["model"])
+        try:  # the revision is checked before it names a download
+            placement = Placement.model_validate(fields.get("placement") or {})
+        except ValidationError as exc:
+            raise one_line(exc) from None
+        fields.update(model=resolve_model(fields["model"], placement.revision), placement=placement)
     try:
         request = GenerateRequest.model_validate(fields, context={"check_model": check_model})
     except ValidationError as exc:
@@ -476,17 +526,39 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(len(list(folder.iterdir())))] if folder.is_dir() else []
 
 
-def resolve_model(model: str) -> str:
-    """A local folder as it is; a Hub id ("org/name") to its snapshot in the local Hugging Face cache."""
+def resolve_model(model: str, revision: str | None = None) -> str:
+    """A local folder as it is; a Hub id ("org/name") to its snapshot at `revision` (None: main) in the local
+    Hugging Face cache, downloaded first if need be (huggingface_hub's progress bars on stderr).
+
+    The stages load that snapshot folder, so the revision is pinned here. A local folder is one revision: a
+    `revision` with it is refused, unless the folder is a Hub snapshot (a resumed run's recorded model)."""
     if Path(model).exists() or not re.match(r"^[\w.-]+/[\w.-]+$", model):
+        if revision is not None and Path(model).exists() and not is_hub_snapshot(model):
+            raise RequestError("revision", revision, "applies to a Hub id; a local folder is one revision")
         return model
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionNotFoundError
 
     try:  # safetensors and configs only: never pickled weights
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        return snapshot_download(
+            model, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
+        )
+    except RevisionNotFoundError:
+        raise RequestError("revision", revision, f"is not a branch, tag or commit of {model} on the Hub") from None
+    except LocalEntryNotFoundError:
+        if not constants.HF_HUB_OFFLINE:
+            raise RequestError("model", model, "is neither a local folder nor a Hub id that could be fetched") from None
+        at = "" if revision is None else f" at revision {revision!r}"
+        allowed = f"is not in the Hugging Face cache{at} and HF_HUB_OFFLINE=1 forbids downloading it"
+        raise RequestError("model", model, allowed) from None
+    except (HfHubHTTPError, OSError, ValueError):
         raise RequestError("model", model, "is neither a local folder nor a Hub id that could be fetched") from None
+
+
+def is_hub_snapshot(path: str | Path) -> bool:
+    """A folder of the Hugging Face cache, `.../models--org--name/snapshots/COMMIT`: what resolve_model makes."""
+    path = Path(path).absolute()
+    return path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
 
 
 def check_store(store: str | None, out: str) -> str:

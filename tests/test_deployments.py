@@ -316,6 +316,7 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
     # the device tag has a concurrency limit on this server, the model tag has none: only the flow run carries it
     assert all(DEVICE_TAG in t.tags and "model:tiny-flux" not in t.tags for t in task_runs)
     assert "model:tiny-flux" in flow_run.tags
+    assert (flow_run.empirical_policy.retries, flow_run.empirical_policy.retry_delay) == (2, 30)  # prefect.yaml
 
     # 4. Two more lines: only they are computed; the 6 images stay as they were
     before = {e["id"]: e["sha256"] for e in manifest["items"]}
@@ -335,7 +336,9 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
     code, flow_run_id, output = stack.deployment_result(bad_run)
     assert code == 1, output
     with stack.client() as client:
-        message = client.read_flow_run(flow_run_id).state.message
+        bad = client.read_flow_run(flow_run_id)
+    message = bad.state.message
+    assert bad.run_count == 1 and bad.empirical_policy.retries == 0  # bad input: the deployment's retries dropped
     assert "BatchFileError: 3 problem(s)" in message
     for expected in ("line 2, column steps: invalid value 0", "line 3, column (line)", "line 4, column width: invalid"):
         assert expected in message
@@ -361,3 +364,71 @@ def test_the_form_rejects_bad_parameters_before_a_run_is_created(stack: Stack) -
             assert error.value.response.status_code == 409, field
             assert "Error creating flow run" in error.value.response.text, field
         assert len(client.read_flow_runs(deployment_filter=runs)) == before  # no run was created
+
+
+def test_every_deployment_retries_a_failed_flow_run() -> None:
+    """prefect.yaml takes no flow retries: the work pool's env sets Prefect's flow default, read by every flow
+    when its run process imports it (direct calls and `stagediff generate` keep none)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    envs = [d["work_pool"]["job_variables"].get("env") for d in config["deployments"]]
+    assert envs == [{"PREFECT_FLOW_DEFAULT_RETRIES": "2", "PREFECT_FLOW_DEFAULT_RETRY_DELAY_SECONDS": "30"}] * 4
+    entrypoints = [d["entrypoint"] for d in config["deployments"]]
+    assert entrypoints == ["flows/generate.py:generate", "flows/batch.py:batch", "flows/fanout.py:fanout",
+                           "flows/replica.py:replica"]  # fmt: skip
+    code = (
+        "from stagediff.flows import batch, fanout, generate, replica\n"
+        "print([(f.retries, f.retry_delay_seconds) for f in (generate.generate, batch.batch, fanout.fanout, "
+        "replica.replica)])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **envs[0]}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.stdout.strip() == str([(2, 30)] * 4), proc.stderr[-2000:]
+
+
+def test_a_cancelled_run_records_cancelled_and_what_was_stored(stack: Stack, tiny_model: Path, tmp_path: Path):
+    """Cancelled from Prefect mid-denoise (the worker stops the run's process): the flow run ends Cancelled and
+    is not retried; the manifest says `cancelled`, lists what denoise had stored (interrupted); a rerun of the
+    same request reuses it all."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    from stagediff.artifacts import Store
+
+    store = tmp_path / "store"
+    params = {
+        "prompts": {"prompts": PROMPTS, "seed": 3},
+        "model": str(tiny_model),
+        "settings": SMALL,
+        "output": {"out": str(tmp_path), "run_id": "c", "store": str(store)},
+    }
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        run = run_deployment("generate/ad-hoc", parameters=params, timeout=0,
+                             job_variables={"env": {"STAGEDIFF_TEST_BATCH_DELAY": "1"}})  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list((store / "objects" / "latents").rglob("*.json")):  # some latents are stored: mid-denoise
+        assert time.monotonic() < deadline, f"no latents stored:\n{tail(stack.logs / 'worker.log')}"
+        time.sleep(0.2)
+    with stack.client() as client:
+        client.set_flow_run_state(run.id, Cancelling())
+        while not (state := client.read_flow_run(run.id).state).is_final():
+            assert time.monotonic() < deadline, f"not cancelled:\n{tail(stack.logs / 'worker.log')}"
+            time.sleep(0.5)
+        assert state.type == StateType.CANCELLED
+        assert client.read_flow_run(run.id).run_count == 1
+
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["status"] == "cancelled", manifest.get("error")
+    denoise = manifest["stages"]["denoise"]
+    assert denoise["interrupted"] and 0 < len(denoise["computed"]) < len(PROMPTS)
+    latents = {item["index"]: item["keys"]["latents"] for item in manifest["items"]}
+    assert all(Store(store).check("latents", latents[i]) for i in denoise["computed"])
+
+    code, _, output = stack.run_deployment("generate/ad-hoc", params)
+    assert code == 0, f"{output}\nworker log:\n{tail(stack.logs / 'worker.log')}"
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert set(denoise["computed"]) <= set(manifest["stages"]["denoise"]["reused"])

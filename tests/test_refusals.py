@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16"]
+HUB_ID = "black-forest-labs/FLUX.1-dev"  # not in the table's empty Hugging Face cache, and offline
 RUN = (
     "import atexit, sys; from stagediff.cli import run; "
     "atexit.register(lambda: print('imported:', 'torch' in sys.modules, 'prefect' in sys.modules)); run()"
@@ -59,6 +60,9 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     broken("custom-class", index_entry("vae", ["mymodule", "Evil"]))
     broken("stray", stray_safetensors)
     broken("latin1", lambda model: (model / "model_index.json").write_bytes(b'{"_class_name": "Fl\xfcx"}'))
+    from stagediff.tiny_model import TinySD15Config, build_tiny_model
+
+    build_tiny_model(root / "unet", TinySD15Config())
     return root
 
 
@@ -82,14 +86,39 @@ def table(model: str) -> list[tuple[list[str], str]]:
         ([*gen, "--retries", "-1"], "invalid retries=-1: must be an integer from 0 to 10"),
         ([*gen, "--variant", "a/b"], "invalid variant='a/b': must be a weights variant name such as fp16"),
         ([*gen, "--variant", "fp8"], f"invalid model='{model}': component 'vae' has no 'fp8' variant weights"),
+        ([*gen, "--revision", "v1.0"], "invalid revision='v1.0': applies to a Hub id; a local folder is one revision"),
+        ([*gen, "--revision", "../main"], "invalid revision='../main': must be a Hub branch, tag or commit"),
+        (
+            [*gen[:-1], HUB_ID],
+            f"invalid model='{HUB_ID}': is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids",
+        ),
+        (
+            [*gen[:-1], HUB_ID, "--revision", "v1.0"],
+            f"invalid model='{HUB_ID}': is not in the Hugging Face cache at "
+            "revision 'v1.0' and HF_HUB_OFFLINE=1 forbids downloading it",
+        ),
         ([*gen, "--chunk-size", "0"], "invalid chunk_size=0: must be an integer >= 1"),
         ([*gen, "--replicas", "0"], "invalid replicas=0: must be an integer >= 1"),
         ([*gen, "--pool", "gpu"], "invalid store=None: a pool's replicas run on other machines"),
+        ([*gen, "--pipeline-stages", "0"], "invalid pipeline_stages=0: must be an integer from 1 to 64"),
+        ([*gen, "--pipeline-stages", "3"], "invalid pipeline_stages=3: must be at most the denoiser's 2 blocks"),
+        ([*gen[:-1], "unet", "--pipeline-stages", "2"], "invalid pipeline_stages=2: must be 1 for StableDiffusionPi"),
+        ([*gen, "--pipeline-stages", "2", "--max-memory", "cpu=1GB"], "invalid pipeline_stages=2: places each part"),
+        ([*gen, "--pipeline-split", "a b"], "invalid pipeline_split='a b': must be block names such as"),
+        ([*gen, "--pipeline-split", "single_transformer_blocks.0"], "invalid pipeline_split=['single_transformer_b"),
+        (
+            [*gen, "--pipeline-stages", "2", "--pipeline-split", "transformer_blocks.0"],
+            "invalid pipeline_split=['transformer_blocks.0']: must name 1 of the denoiser's blocks",
+        ),
         (["tiny-model", "file"], "invalid dir='file': already exists"),
         (["tiny-model", "full"], "invalid dir='full': already exists"),
         (["tiny-model", "new", "--seed", str(2**64 + 1)], f"invalid seed={2**64 + 1}: must be an integer from 0"),
         (["batch", "a.txt", "--store", "file", "--model", model], "invalid store='file': must be a folder"),
         (["batch", "fifo.txt", "--store", "b", "--model", model], "invalid prompts_file='fifo.txt'"),
+        (
+            ["batch", "a.txt", "--store", "b", "--model", HUB_ID],
+            f"invalid model='{HUB_ID}': is not in the Hugging Face",
+        ),
         (["gc", "file"], "invalid store='file'"),
     ]
 
@@ -102,9 +131,11 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_every_bad_input_is_one_line_exit_2_and_changes_nothing(tiny_model: Path, work: Path) -> None:
+def test_every_bad_input_is_one_line_exit_2_and_changes_nothing(tiny_model: Path, work: Path, tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # this machine has no GPU, whatever the test machine has
     env.pop("PREFECT_API_URL", None)
+    (tmp_path / "hf").mkdir()  # an empty Hugging Face cache, never to be downloaded into
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     failures = []
     for args, expected in table(str(tiny_model)):
         before = snapshot(work)
@@ -123,6 +154,7 @@ def test_every_bad_input_is_one_line_exit_2_and_changes_nothing(tiny_model: Path
         if problems:
             failures.append(f"{args}: {'; '.join(problems)}")
     assert not failures, "\n".join(failures)
+    assert not any((tmp_path / "hf").iterdir())
 
 
 def test_an_unreachable_prefect_server_is_one_line(tiny_model: Path, tmp_path: Path) -> None:

@@ -348,3 +348,44 @@ def test_a_store_at_an_fsspec_url(reference: dict, tiny_model: Path, tmp_path: P
     store = Store(url)
     image = store.path(store.object_name("images", again["items"][0]["keys"]["images"]))
     assert not os.path.samefile(image, run_dir / "images" / "00000.png")  # URL stores copy
+
+
+def test_a_flow_run_with_retries_runs_again_after_a_transient_failure_reusing_the_store(
+    prefect_server, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a deployment's run does (prefect.yaml: PREFECT_FLOW_DEFAULT_RETRIES): the failed attempt's artifacts are
+    the next attempt's; bad input fails at once, never retried."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    import stagediff.flows.generate as module
+    from stagediff.request import ImageSettings, Output, Placement, Prompts, RequestError
+
+    record, failed = module.record, []
+
+    def flaky_record(manifest, run_dir, store, engine, stage, refs) -> None:
+        record(manifest, run_dir, store, engine, stage, refs)
+        if stage == "denoise" and not failed:  # encode's and denoise's artifacts are in the store by now
+            failed.append(stage)
+            raise ConnectionError("the Prefect server went away for a moment")
+
+    monkeypatch.setattr(module, "record", flaky_record)
+    flow = module.generate.with_options(retries=1, retry_delay_seconds=0)
+    settings = ImageSettings(**{k: v for k, v in SETTINGS.items() if k != "seed"})
+    prompts = Prompts(prompts=PROMPTS, seed=SETTINGS["seed"])
+    output = Output(out=str(tmp_path / "out"), run_id="r", store=str(tmp_path / "store"))
+    manifest = flow(prompts, settings, str(tiny_model), Placement(), output)
+    assert failed == ["denoise"] and manifest["status"] == "completed"
+    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3]) and did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
+    assert did(manifest, "decode") == (False, [0, 1, 2, 3], [])
+
+    bad = Prompts(file=str(tmp_path / "missing.txt"))
+    with pytest.raises(RequestError, match="invalid prompts_file="):
+        flow(bad, settings, str(tiny_model), Placement(), Output(out=str(tmp_path / "out"), run_id="refused"))
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(UUID(manifest["flow_run_id"])).run_count == 2
+        names = FlowRunFilter(name=FlowRunFilterName(any_=["generate refused"]))
+        [refused] = client.read_flow_runs(flow_run_filter=names)
+    assert refused.state.is_failed() and refused.run_count == 1 and refused.empirical_policy.retries == 0

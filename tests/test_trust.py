@@ -226,3 +226,48 @@ def test_a_model_saved_as_a_variant_only_loads_with_that_variant(api, tiny_model
     expected = reference_images(variant, ["a dog"], 4, num_inference_steps=2, height=64, width=64,
                                 max_sequence_length=16, variant="fp16")  # fmt: skip
     np.testing.assert_array_equal(read_image(tmp_path / "v" / "images" / "00000.png"), expected[0])
+
+
+def test_a_hub_revision_is_the_snapshot_the_run_loads(
+    api, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--revision` picks its snapshot of the Hugging Face cache (offline here); another revision with other files
+    is another model; a local folder takes no revision, a run's recorded snapshot does (resume)."""
+    from huggingface_hub import constants
+
+    from stagediff.jobs import StageContext
+    from stagediff.keys import model_hash, model_identity
+    from stagediff.request import RequestError, validate_request
+    from stagediff.stages.loading import load_pipeline
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    commits = {"v1": "1" * 40, "main": "2" * 40}
+    for (ref, commit), seed in zip(commits.items(), (0, 7), strict=True):
+        assert main(["tiny-model", str(repo / "snapshots" / commit), "--seed", str(seed)]) == 0
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    common = dict(prompts=["a dog"], run_id="r", model="org/tiny")
+    v1, latest = validate_request(**common, revision="v1"), validate_request(**common)
+    assert (v1.model, latest.model) == (
+        str(repo / "snapshots" / commits["v1"]),
+        str(repo / "snapshots" / commits["main"]),
+    )
+    assert model_hash(model_identity(v1.model)) != model_hash(model_identity(latest.model))
+    assert validate_request(**{**common, "model": v1.model}, revision="v1").model == v1.model
+    with pytest.raises(RequestError, match="invalid revision='v1': applies to a Hub id; a local folder is one"):
+        validate_request(**{**common, "model": str(tiny_model)}, revision="v1")
+    with pytest.raises(RequestError, match="is not in the Hugging Face cache at revision 'v2' and HF_HUB_OFFLINE=1"):
+        validate_request(**common, revision="v2")
+
+    # A run at v1 records its snapshot and revision; resume takes both; a stage given the revision loads the folder
+    out = tmp_path / "out"
+    args = ["generate", "--model", "org/tiny", "--revision", "v1", "--prompt", "a dog", *SMALL, "--out", str(out)]
+    assert main([*args, "--run-id", "r"]) == 0
+    manifest = json.loads((out / "r" / "manifest.json").read_text())
+    assert (manifest["model"], manifest["request"]["placement"]["revision"]) == (v1.model, "v1")
+    assert main(["resume", str(out / "r")]) == 0
+    ctx = StageContext(model=v1.model, work_dir=str(tmp_path), store=str(out), dtype="float32", revision="v1")
+    assert load_pipeline(ctx, ("vae",)).vae is not None

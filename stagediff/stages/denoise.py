@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from stagediff.family import family_for, model_index, vae_scale_factor
-from stagediff.jobs import DenoiseJob, ItemRef, StageContext, StageResult
+from stagediff.artifacts import Store
+from stagediff.family import family_for, vae_scale_factor
+from stagediff.jobs import DenoiseItem, DenoiseJob, ItemRef, StageContext, StageResult
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count, device_map_of, torch_dtype
-from stagediff.stages.loading import load_pipeline
+from stagediff.stages.loading import denoiser_class, load_denoiser_model, load_pipeline
 from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
 
 STEP_LOG_LINES = 4  # log a batch's progress this many times over its steps, not at every step
@@ -46,23 +47,13 @@ def load_denoiser(ctx: StageContext):
     With accelerators or an explicit `max_memory`, the denoiser is placed by accelerate
     (`device_map="auto"`): over the accelerators first, then CPU, then the offload folder on disk.
     """
-    import diffusers
-
     family = family_for(ctx.model)
-    _, class_name = model_index(ctx.model)[family.denoiser]
-    cls = getattr(diffusers, class_name)
     kwargs: dict = {}
     if accelerator_count() or ctx.max_memory:
         offload_dir = ctx.offload_dir or str(Path(ctx.work_dir) / "offload")
-        kwargs.update(device_map=auto_device_map(cls, ctx, family.denoiser), offload_folder=offload_dir)
-    denoiser = cls.from_pretrained(
-        ctx.model,
-        subfolder=family.denoiser,
-        dtype=torch_dtype(ctx.dtype),
-        use_safetensors=True,
-        variant=ctx.variant,
-        **kwargs,
-    )
+        kwargs.update(device_map=auto_device_map(denoiser_class(ctx.model), ctx, family.denoiser),
+                      offload_folder=offload_dir)  # fmt: skip
+    denoiser = load_denoiser_model(ctx, **kwargs)
     pipe = load_pipeline(ctx, (), **{family.denoiser: denoiser})
     # Without a VAE, diffusers assumes a scale factor of 8; take the real one from the VAE's config.
     pipe.vae_scale_factor = vae_scale_factor(ctx.model)
@@ -72,6 +63,10 @@ def load_denoiser(ctx: StageContext):
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
 def denoise(job: DenoiseJob) -> StageResult:
     """Denoise the items whose latents the store lacks, in batches of one setting; store each under its key."""
+    if job.ctx.pipeline_stages > 1:
+        from stagediff.stages.parts import denoise_in_parts
+
+        return denoise_in_parts(job)
     ctx, family, store = job.ctx, family_for(job.ctx.model), job.ctx.open_store()
     result = StageResult()
     models = Loaded(lambda: load_denoiser(ctx), result, "denoise")
@@ -80,29 +75,40 @@ def denoise(job: DenoiseJob) -> StageResult:
         if result.device_map is None:
             result.device_map = device_map
             log.info("%s loaded (device map: %s)", family.denoiser, device_map)
-        settings = batch[0].settings
-        loaded = [load_tensors(store, item.embeddings) for item in batch]
-        embeddings = {name: torch.stack([t[name] for t in loaded]) for name in loaded[0]}
-        # One generator per item: an item's noise never depends on its batch.
-        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
-        every = max(1, settings.steps // STEP_LOG_LINES)
-
-        def on_step(pipe, step, timestep, callback_kwargs, n=n, steps=settings.steps, every=every):
-            if (step + 1) % every == 0 or step + 1 == steps:
-                log.info("batch %d: step %d/%d", n, step + 1, steps)
-            return callback_kwargs
-
-        latents = pipe(
-            **family.denoise_kwargs(embeddings, settings),
-            num_inference_steps=settings.steps,
-            height=settings.height,
-            width=settings.width,
-            generator=generators,
-            output_type="latent",
-            callback_on_step_end=on_step,
-        ).images
-        for row, item in enumerate(batch):
-            meta = metadata(ctx, "denoise", index=item.index, seed=item.seed, **asdict(settings))
-            record = store.save_tensors("latents", item.key, {"latents": latents[row]}, meta)
-            done(result, ItemRef(item.index, "latents", record.key, record.sha256))
+        store_latents(job, store, result, batch, denoise_batch(pipe, job, store, batch, n))
     return models.finish()
+
+
+@torch.no_grad()
+def denoise_batch(pipe, job: DenoiseJob, store: Store, batch: list[DenoiseItem], n: int) -> torch.Tensor:
+    """One batch (one setting) through the family's own diffusers loop: the latents, one row per item."""
+    family, settings = family_for(job.ctx.model), batch[0].settings
+    loaded = [load_tensors(store, item.embeddings) for item in batch]
+    embeddings = {name: torch.stack([t[name] for t in loaded]) for name in loaded[0]}
+    # One generator per item: an item's noise never depends on its batch.
+    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+    every = max(1, settings.steps // STEP_LOG_LINES)
+
+    def on_step(pipe, step, timestep, callback_kwargs):
+        if (step + 1) % every == 0 or step + 1 == settings.steps:
+            log.info("batch %d: step %d/%d", n, step + 1, settings.steps)
+        return callback_kwargs
+
+    return pipe(
+        **family.denoise_kwargs(embeddings, settings),
+        num_inference_steps=settings.steps,
+        height=settings.height,
+        width=settings.width,
+        generator=generators,
+        output_type="latent",
+        callback_on_step_end=on_step,
+    ).images
+
+
+def store_latents(
+    job: DenoiseJob, store: Store, result: StageResult, batch: list[DenoiseItem], latents: torch.Tensor
+) -> None:
+    for row, item in enumerate(batch):
+        meta = metadata(job.ctx, "denoise", index=item.index, seed=item.seed, **asdict(item.settings))
+        record = store.save_tensors("latents", item.key, {"latents": latents[row]}, meta)
+        done(result, ItemRef(item.index, "latents", record.key, record.sha256))

@@ -26,11 +26,41 @@ def load_pipeline(ctx: StageContext, keep: tuple[str, ...], **kwargs: Any):
     }
     if index.get("requires_safety_checker") and "safety_checker" not in keep:
         skipped["requires_safety_checker"] = False  # SD 1.5: the checker runs in `decode`, not missing here
+    # ctx.model is a folder (a Hub id is resolved to its snapshot at ctx.revision before the stages), for which
+    # from_pretrained ignores `revision`; every from_pretrained still gets it, should a Hub id ever reach a stage
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
-        ctx.model, dtype=torch_dtype(ctx.dtype), use_safetensors=True, variant=ctx.variant, **skipped, **kwargs
+        ctx.model,
+        dtype=torch_dtype(ctx.dtype),
+        use_safetensors=True,
+        variant=ctx.variant,
+        revision=ctx.revision,
+        **skipped,
+        **kwargs,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def denoiser_class(model: str) -> type:
+    """The denoiser's diffusers class, as model_index.json names it (checked against diffusers before a run)."""
+    import diffusers
+
+    _, class_name = model_index(model)[family_for(model).denoiser]
+    return getattr(diffusers, class_name)
+
+
+def load_denoiser_model(ctx: StageContext, **kwargs: Any):
+    """The denoiser alone, from safetensors in the run's dtype, variant and revision; `kwargs` go to
+    `from_pretrained` (`device_map`, `offload_folder`)."""
+    return denoiser_class(ctx.model).from_pretrained(
+        ctx.model,
+        subfolder=family_for(ctx.model).denoiser,
+        dtype=torch_dtype(ctx.dtype),
+        use_safetensors=True,
+        variant=ctx.variant,
+        revision=ctx.revision,
+        **kwargs,
+    )
 
 
 def quiet_progress_bars() -> None:
