@@ -285,7 +285,13 @@ class Store:
             os.close(fd)  # gc removed this lock file while we waited for it: take the new one
 
     def claimed_batches(
-        self, kind: str, items: list[T], key_of: Callable[[T], str], size: int, pause: float = 0.0
+        self,
+        kind: str,
+        items: list[T],
+        key_of: Callable[[T], str],
+        size: int,
+        pause: float = 0.0,
+        held: list[Claim] | None = None,
     ) -> Iterator[list[T]]:
         """Batches of the items this process has to compute, each claimed until the caller has written it.
 
@@ -293,6 +299,8 @@ class Store:
         without waiting; then the items other processes were computing are waited for in key order (so
         two processes never wait on each other) and handed out only if their process did not write them.
         `pause`: seconds to sleep after each batch (a test hook: crash tests land a kill between batches).
+        `held`: keep each batch's claims there, for the caller to release, instead of releasing them when
+        the next batch is asked for (a caller that computes several batches at once).
         """
         first: dict[str, T] = {}
         for item in items:
@@ -318,7 +326,10 @@ class Store:
                     yield [item for item, _ in batch]
                 finally:
                     for _, claim in batch:
-                        claim.release()
+                        if held is None:
+                            claim.release()
+                        else:
+                            held.append(claim)
                 if pause:
                     time.sleep(pause)
 

@@ -39,6 +39,16 @@ class Family:
     default_steps: ClassVar[int] = 50
     default_guidance: ClassVar[float]
     default_max_sequence_length: ClassVar[int] = 77  # CLIP-only families: the tokenizers' fixed length
+    # The denoiser's block lists, in forward order, over which pipeline stages split it: (list, config count).
+    # Empty: it cannot be split (a UNet's skip connections cross its blocks).
+    denoiser_blocks: ClassVar[tuple[tuple[str, str], ...]] = ()
+    denoiser_packs_latents: ClassVar[bool] = False  # the pipeline packs 2x2 latent patches into a token (Flux)
+
+    @classmethod
+    def block_names(cls, model: str | Path) -> list[str]:
+        """The denoiser's blocks in forward order ("transformer_blocks.0", ...), from its config."""
+        config = json.loads((Path(model) / cls.denoiser / "config.json").read_text())
+        return [f"{name}.{i}" for name, count in cls.denoiser_blocks for i in range(int(config[count]))]
 
     @classmethod
     def default_size(cls, model: str | Path) -> tuple[int, int]:
@@ -81,6 +91,8 @@ class Flux(Family):
 
     pipeline_class = "FluxPipeline"
     denoiser = "transformer"
+    denoiser_blocks = (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))
+    denoiser_packs_latents = True
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     true_cfg = True
     default_steps = 28
@@ -131,6 +143,7 @@ class SD3(Family):
 
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser = "transformer"
+    denoiser_blocks = (("transformer_blocks", "num_layers"),)
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
     default_steps = 28
     default_guidance = 7.0

@@ -137,7 +137,7 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
 
 
-def _set_process_title(title: str) -> None:
+def set_process_title(title: str) -> None:
     """Name the process (ps, top, /proc/PID/comm) after its stage; Linux only, best effort."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)
@@ -179,7 +179,7 @@ def _child_main(
     for name in [k for k in os.environ if k.startswith("STAGEDIFF_") and k not in settings]:
         del os.environ[name]
     os.environ.update(settings)
-    _set_process_title(f"stagediff-{target.rpartition(':')[2]}")
+    set_process_title(f"stagediff-{target.rpartition(':')[2]}")
     global _events
     lock = threading.Lock()
     _events = (conn, lock)

@@ -20,17 +20,25 @@ log = logging.getLogger("stagediff.stages")
 T = TypeVar("T")
 
 
-def batches(store: Store, kind: str, items: list[T], group_of: Callable[[T], Hashable], size: int) -> Iterator[list[T]]:
+def batches(
+    store: Store,
+    kind: str,
+    items: list[T],
+    group_of: Callable[[T], Hashable],
+    size: int,
+    held: list | None = None,
+) -> Iterator[list[T]]:
     """The items the store lacks, in batches of `size` whose items share `group_of(item)` (first seen first).
 
-    Each batch is claimed in the store until the caller has written it (see `Store.claimed_batches`).
+    Each batch is claimed in the store until the caller has written it (see `Store.claimed_batches`; with
+    `held`, until the caller releases the claims kept there).
     """
     groups: dict[Hashable, list[T]] = {}
     for item in items:
         groups.setdefault(group_of(item), []).append(item)
     pause = float(os.environ.get("STAGEDIFF_TEST_BATCH_DELAY") or 0)  # crash tests land their kill between batches
     for group in groups.values():
-        for batch in store.claimed_batches(kind, group, lambda item: item.key, size):
+        for batch in store.claimed_batches(kind, group, lambda item: item.key, size, held=held):
             yield batch
             if pause:
                 time.sleep(pause)
