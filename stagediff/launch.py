@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             ensure_default_model()
         state.wait_for_everyone()
         request = request.model_copy(update={"model": str(ensure_default_model())})
+    try:
+        open_manifest(request)  # every rank refuses a run id that holds another run, before computing anything
+    except RequestError as exc:
+        print(f"stagediff: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     items = request_items(request)
     resolved = items[0].settings
     with state.split_between_processes(list(range(len(items)))) as indexes:
