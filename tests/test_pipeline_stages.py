@@ -188,3 +188,42 @@ def test_two_parts_on_two_gpus_over_nccl(models: dict[str, Path], tmp_path: Path
         assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1
     assert result.pipeline["transport"] == "nccl"
     assert [part["device"] for part in result.pipeline["parts"]] == ["cuda:0", "cuda:1"]
+
+
+def test_fan_out_replicas_each_split_in_parts(prefect_server, models: dict[str, Path], tmp_path: Path) -> None:
+    """`--replicas 2 --pipeline-stages 2`: each replica's denoise runs in 2 parts; the images equal a plain run's."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    common = [
+        sys.executable,
+        "-m",
+        "stagediff.cli",
+        "generate",
+        "--model",
+        str(models["flux"]),
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "48",
+        "--max-sequence-length",
+        "24",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    common += [arg for p in ("a dog", "a cat", "a bird") for arg in ("--prompt", p)]  # fmt: skip
+    for extra in (["--run-id", "plain"], ["--run-id", "both", "--replicas", "2", "--pipeline-stages", "2"]):
+        extra += ["--store", str(tmp_path / extra[1])]  # each its own store: nothing reused
+        proc = subprocess.run(common + extra, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "both" / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["replicas"]] == ["completed", "completed"]
+    for stages in manifest["stages"].values():
+        (process,) = stages["denoise"]["processes"]
+        assert len(process["pipeline"]["parts"]) == 2
+    for i in range(3):
+        plain = read_image(tmp_path / "out" / "plain" / "images" / f"{i:05d}.png")
+        both = read_image(tmp_path / "out" / "both" / "images" / f"{i:05d}.png")
+        assert np.abs(plain.astype(int) - both.astype(int)).max() <= 1
