@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -249,7 +250,7 @@ def _die_with_parent() -> None:
 
 
 @torch.no_grad()
-def part_main(ctx: StageContext, parts: list[Part], k: int, port: int, conn: Any) -> None:
+def part_main(ctx: StageContext, parts: list[Part], k: int, rendezvous: str, conn: Any) -> None:
     """One part's process: load its blocks, then take calls until told to stop; report its times."""
     _die_with_parent()
     set_process_title(f"stagediff-part{k}")  # ps, top; tests find a part by it
@@ -260,8 +261,7 @@ def part_main(ctx: StageContext, parts: list[Part], k: int, port: int, conn: Any
         cuda = part.device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(part.device)
-        tcp = dist.TCPStore("127.0.0.1", port, n + 1, is_master=False)
-        dist.init_process_group("gloo", store=tcp, rank=k + 1, world_size=n + 1)
+        dist.init_process_group("gloo", store=dist.FileStore(rendezvous, n + 1), rank=k + 1, world_size=n + 1)
         group = dist.new_group(list(range(1, n + 1)), backend="nccl") if cuda else None
         t0 = time.perf_counter()
         model, holder = load_part(ctx, part, last=k == n - 1)
@@ -385,12 +385,17 @@ class Parts:
 
     def __init__(self, ctx: StageContext, parts: list[Part]) -> None:
         self.parts, n = parts, len(parts)
-        self.tcp = dist.TCPStore("127.0.0.1", 0, n + 1, is_master=True, wait_for_workers=False)
+        # Rendezvous through a file and connections over loopback only: nothing listens beyond this machine.
+        fd, self.rendezvous = tempfile.mkstemp(prefix="stagediff-parts-")
+        os.close(fd)
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if os.path.exists("/sys/class/net/lo"):
+                os.environ.setdefault(variable, "lo")
         fork = multiprocessing.get_context("fork")
         self.processes, self.conns = [], []
         for k in range(n):
             recv, send = fork.Pipe(duplex=False)
-            process = fork.Process(target=part_main, args=(ctx, parts, k, self.tcp.port, send), daemon=True)
+            process = fork.Process(target=part_main, args=(ctx, parts, k, self.rendezvous, send), daemon=True)
             process.start()
             send.close()
             self.processes.append(process)
@@ -410,7 +415,7 @@ class Parts:
         self.link = Link(n)
 
     def _join(self, n: int, cuda: bool) -> None:
-        dist.init_process_group("gloo", store=self.tcp, rank=0, world_size=n + 1)
+        dist.init_process_group("gloo", store=dist.FileStore(self.rendezvous, n + 1), rank=0, world_size=n + 1)
         if cuda:
             dist.new_group(list(range(1, n + 1)), backend="nccl")  # every rank takes part in creating a group
 
@@ -451,12 +456,16 @@ class Parts:
             process.join(timeout=30)
         self.link.receiver.join(timeout=5)
         dist.destroy_process_group()
+        with contextlib.suppress(OSError):
+            os.unlink(self.rendezvous)
 
     def kill(self) -> None:
         for process in self.processes:
             if process.is_alive():
                 process.kill()
             process.join(timeout=10)
+        with contextlib.suppress(OSError):
+            os.unlink(self.rendezvous)
 
 
 def denoise_in_parts(job: DenoiseJob, in_flight: int | None = None) -> StageResult:
