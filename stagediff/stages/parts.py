@@ -22,16 +22,17 @@ import contextlib
 import copy
 import ctypes
 import itertools
+import json
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import tempfile
 import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -122,44 +123,39 @@ def plan_parts(ctx: StageContext, settings: DenoiseSettings) -> tuple[list[Part]
     return parts, empty.config
 
 
-# Transport: nested tuples/lists/dicts of tensors and plain values between ranks.
+# Transport: nested tuples, lists and dicts of tensors and plain values between ranks. The header is JSON (never
+# pickle: nothing read from a socket is executed), then each tensor's bytes, in the header's order.
 
 
-@dataclass(frozen=True)
-class _Slot:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-def _strip(obj: Any, tensors: list[torch.Tensor]) -> Any:
+def _encode(obj: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
-        return _Slot(tuple(obj.shape), obj.dtype)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_strip(x, tensors) for x in obj)
+        return {"tensor": [list(obj.shape), str(obj.dtype).removeprefix("torch.")]}
+    if isinstance(obj, tuple):
+        return {"tuple": [_encode(x, tensors) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x, tensors) for x in obj]
     if isinstance(obj, dict):
-        return {k: _strip(v, tensors) for k, v in obj.items()}
+        return {"dict": {str(k): _encode(v, tensors) for k, v in obj.items()}}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot send a {type(obj).__name__} between pipeline parts")
+
+
+def _decode(obj: Any, take: Callable[[list[int], torch.dtype], torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(x, take) for x in obj]
+    if isinstance(obj, dict):
+        if "tensor" in obj:
+            shape, name = obj["tensor"]
+            dtype = getattr(torch, name, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"not a torch dtype: {name!r}")
+            return take(shape, dtype)
+        if "tuple" in obj:
+            return tuple(_decode(x, take) for x in obj["tuple"])
+        return {k: _decode(v, take) for k, v in obj["dict"].items()}
     return obj
-
-
-def _fill(obj: Any, tensors: deque[torch.Tensor]) -> Any:
-    if isinstance(obj, _Slot):
-        return tensors.popleft()
-    if isinstance(obj, tuple | list):
-        return type(obj)(_fill(x, tensors) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _fill(v, tensors) for k, v in obj.items()}
-    return obj
-
-
-def _slots(obj: Any) -> list[_Slot]:
-    if isinstance(obj, _Slot):
-        return [obj]
-    if isinstance(obj, tuple | list):
-        return [s for x in obj for s in _slots(x)]
-    if isinstance(obj, dict):
-        return [s for v in obj.values() for s in _slots(v)]
-    return []
 
 
 class Sender:
@@ -170,7 +166,7 @@ class Sender:
 
     def send(self, obj: Any, dst: int, group: Any = None) -> None:
         tensors: list[torch.Tensor] = []
-        header = pickle.dumps(_strip(obj, tensors))
+        header = json.dumps(_encode(obj, tensors)).encode()
         size = torch.tensor([len(header)], dtype=torch.int64)
         buffers = [size, torch.frombuffer(bytearray(header), dtype=torch.uint8)]
         works = [dist.isend(b, dst) for b in buffers]
@@ -194,15 +190,14 @@ def receive(src: int, device: str = "cpu", group: Any = None) -> Any:
     dist.recv(size, src)
     header = torch.empty(int(size), dtype=torch.uint8)
     dist.recv(header, src)
-    obj = pickle.loads(header.numpy().tobytes())
-    tensors: deque[torch.Tensor] = deque()
-    for slot in _slots(obj):
-        nbytes = torch.Size(slot.shape).numel() * slot.dtype.itemsize
-        data = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        if nbytes:
+
+    def take(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        data = torch.empty(torch.Size(shape).numel() * dtype.itemsize, dtype=torch.uint8, device=device)
+        if data.numel():
             dist.recv(data, src, group=group)
-        tensors.append(data.view(slot.dtype).reshape(slot.shape))
-    return _fill(obj, tensors)
+        return data.view(dtype).reshape(shape)
+
+    return _decode(json.loads(header.numpy().tobytes()), take)
 
 
 # A part's process.
