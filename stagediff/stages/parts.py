@@ -13,7 +13,8 @@ embeddings are recomputed in every part from the call's inputs. The arithmetic i
 the latents equal a one-process run's at the same batch size.
 
 Transport is torch.distributed point to point (gloo between CPU processes, NCCL between CUDA parts; the
-coordinator always talks gloo with CPU tensors): a pickled header, then each tensor's bytes.
+coordinator always talks gloo with CPU tensors): a JSON header, then each tensor's bytes. The processes meet
+through a rendezvous file and connect over loopback only.
 """
 
 from __future__ import annotations
