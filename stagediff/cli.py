@@ -149,6 +149,12 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
                         "process (GPU) each, and stream micro-batches (--batch-size items) through them")  # fmt: skip
     parser.add_argument("--pipeline-split", help="blocks where parts 2..N start, comma-separated, e.g. "
                         "single_transformer_blocks.4 (default: equal estimated compute)")  # fmt: skip
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="with --pipeline-stages: items per micro-batch "
+        "(batches are cut into micro-batches that stream through the parts; default: a batch)",
+    )
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +179,8 @@ def placement_of(args: argparse.Namespace) -> dict:
     fields["pipeline_stages"] = args.pipeline_stages
     if args.pipeline_split is not None:
         fields["pipeline_split"] = [name.strip() for name in args.pipeline_split.split(",")]
+    if args.micro_batch_size is not None:
+        fields["micro_batch_size"] = args.micro_batch_size
     return fields
 
 

@@ -334,6 +334,7 @@ def build_engine(
         revision=placement.revision,
         pipeline_stages=placement.pipeline_stages,
         pipeline_split=tuple(placement.pipeline_split) if placement.pipeline_split else None,
+        micro_batch_size=placement.micro_batch_size,
     )
     return Engine(
         ctx=ctx,

@@ -35,7 +35,8 @@ class StageContext:
     variant: str | None = None  # the weights variant every from_pretrained loads ("fp16"), or the plain ones
     revision: str | None = None  # the Hub revision `model` was resolved at (its snapshot folder); None: main
     pipeline_stages: int = 1  # > 1: denoise with the denoiser split into this many parts, one process each
-    pipeline_split: tuple[str, ...] | None = None  # the blocks where parts 2..N start; None: balanced parameters
+    pipeline_split: tuple[str, ...] | None = None  # the blocks where parts 2..N start; None: balanced compute
+    micro_batch_size: int | None = None  # items per micro-batch through the parts; None: batch_size
 
     def open_store(self) -> Store:
         from stagediff.artifacts import Store

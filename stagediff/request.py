@@ -83,6 +83,7 @@ ALLOWED = {
     "revision": "must be a Hub branch, tag or commit such as main, v1.0 or refs/pr/1 (letters, digits, . _ - /)",
     "pipeline_stages": "must be an integer from 1 to 64",
     "pipeline_split": "must be block names such as single_transformer_blocks.4 (where parts 2..N start)",
+    "micro_batch_size": "must be an integer >= 1",
 }
 
 
@@ -233,6 +234,11 @@ class Placement(_Model):
     pipeline_split: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,64}\.[0-9]{1,4}$")]] | None = Field(
         default=None, description="Blocks where parts 2..N start, e.g. [single_transformer_blocks.4]; empty: balanced."
     )
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="With pipeline stages: items per micro-batch (a batch is cut); empty: batch_size.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -316,11 +322,15 @@ class GenerateRequest(_Model):
 
 def check_pipeline_stages(model: str, family: type[Family], placement: Placement) -> None:
     """`pipeline_stages` and `pipeline_split` against the model's blocks and this machine's GPUs."""
-    n, split = placement.pipeline_stages, placement.pipeline_split
+    n, split, micro = placement.pipeline_stages, placement.pipeline_split, placement.micro_batch_size
     if n == 1:
         if split:
             raise RequestError("pipeline_split", split, "needs pipeline_stages > 1")
+        if micro is not None:
+            raise RequestError("micro_batch_size", micro, "needs pipeline_stages > 1")
         return
+    if micro is not None and micro > placement.batch_size:
+        raise RequestError("micro_batch_size", micro, f"must be at most batch_size ({placement.batch_size})")
     if not family.denoiser_blocks:
         allowed = f"must be 1 for {family.pipeline_class}: its UNet's skip connections cross its blocks (Flux, SD3: 2+)"
         raise RequestError("pipeline_stages", n, allowed)

@@ -104,6 +104,12 @@ def table(model: str) -> list[tuple[list[str], str]]:
         ([*gen, "--pipeline-stages", "3"], "invalid pipeline_stages=3: must be at most the denoiser's 2 blocks"),
         ([*gen[:-1], "unet", "--pipeline-stages", "2"], "invalid pipeline_stages=2: must be 1 for StableDiffusionPi"),
         ([*gen, "--pipeline-stages", "2", "--max-memory", "cpu=1GB"], "invalid pipeline_stages=2: places each part"),
+        ([*gen, "--micro-batch-size", "2"], "invalid micro_batch_size=2: needs pipeline_stages > 1"),
+        ([*gen, "--pipeline-stages", "2", "--micro-batch-size", "0"], "invalid micro_batch_size=0: must be an integ"),
+        (
+            [*gen, "--pipeline-stages", "2", "--micro-batch-size", "4"],
+            "invalid micro_batch_size=4: must be at most batch_size (1)",
+        ),
         ([*gen, "--pipeline-split", "a b"], "invalid pipeline_split='a b': must be block names such as"),
         ([*gen, "--pipeline-split", "single_transformer_blocks.0"], "invalid pipeline_split=['single_transformer_b"),
         (

@@ -483,7 +483,12 @@ def denoise_in_parts(job: DenoiseJob, in_flight: int | None = None) -> StageResu
         pipe = load_pipeline(ctx, ())
         pipe.transformer = PartsProxy(config, torch_dtype(ctx.dtype), running.link)
         pipe.vae_scale_factor = vae_scale_factor(ctx.model)  # no VAE here; diffusers would assume 8
-        todo = list(batches(store, "latents", job.items, lambda item: item.settings, ctx.batch_size, held=held))
+        micro = ctx.micro_batch_size or ctx.batch_size
+        claimed = batches(store, "latents", job.items, lambda item: item.settings, ctx.batch_size, held=held)
+        todo = [batch[i : i + micro] for batch in claimed for i in range(0, len(batch), micro)]
+        if len(todo) < len(parts):
+            log.warning("%d micro-batches for %d parts: at most %d parts work at once (more items, or a smaller "
+                        "micro_batch_size, keep them all busy)", len(todo), len(parts), len(todo))  # fmt: skip
         in_flight = in_flight or IN_FLIGHT_PER_PART * len(parts)
         split = "; ".join(f"part {p.index} on {p.device}: {p.blocks[0]} .. {p.blocks[-1]}" for p in parts)
         log.info("denoising %d micro-batches through %d parts, %d in flight: %s", len(todo), len(parts), in_flight,
