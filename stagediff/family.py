@@ -45,15 +45,20 @@ class Family:
     denoiser_packs_latents: ClassVar[bool] = False  # the pipeline packs 2x2 latent patches into a token (Flux)
 
     @classmethod
+    def denoiser_config(cls, model: str | Path) -> dict[str, Any]:
+        """The denoiser's config.json."""
+        return json.loads((Path(model) / cls.denoiser / "config.json").read_text())
+
+    @classmethod
     def block_names(cls, model: str | Path) -> list[str]:
         """The denoiser's blocks in forward order ("transformer_blocks.0", ...), from its config."""
-        config = json.loads((Path(model) / cls.denoiser / "config.json").read_text())
+        config = cls.denoiser_config(model)
         return [f"{name}.{i}" for name, count in cls.denoiser_blocks for i in range(int(config[count]))]
 
     @classmethod
     def default_size(cls, model: str | Path) -> tuple[int, int]:
         """(height, width) when none is given: the denoiser's `sample_size` (in latents) x the VAE's scale."""
-        config = json.loads((Path(model) / cls.denoiser / "config.json").read_text())
+        config = cls.denoiser_config(model)
         size = config.get("sample_size") or 128
         height, width = (size, size) if isinstance(size, int) else size
         return height * vae_scale_factor(model), width * vae_scale_factor(model)

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             ensure_default_model()
         state.wait_for_everyone()
         request = request.model_copy(update={"model": str(ensure_default_model())})
-    try:
-        open_manifest(request)  # every rank refuses a run id that holds another run, before computing anything
+    try:  # every rank refuses a run id that holds another run, before computing anything
+        manifest = open_manifest(request)
     except RequestError as exc:
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         from stagediff.artifacts import Store
 
-        manifest = open_manifest(request)
         store = Store(store_location)
         manifest.update(settings=resolved.__dict__, store=store_location, status="completed",
                         stages={r["replica"]: r["stages"] for r in results}, replicas=[])  # fmt: skip

@@ -11,23 +11,22 @@ from stagediff.artifacts import Store
 from stagediff.family import family_for, vae_scale_factor
 from stagediff.jobs import DenoiseItem, DenoiseJob, ItemRef, StageContext, StageResult
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count, device_map_of, torch_dtype
-from stagediff.stages.loading import denoiser_class, load_denoiser_model, load_pipeline
+from stagediff.stages.loading import empty_denoiser, load_denoiser_model, load_pipeline
 from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
 
 STEP_LOG_LINES = 4  # log a batch's progress this many times over its steps, not at every step
 
 
-def auto_device_map(cls: type, ctx: StageContext, subfolder: str) -> dict[str, int | str]:
+def auto_device_map(ctx: StageContext) -> dict[str, int | str]:
     """What `device_map="auto"` computes: the model's blocks over the accelerators, then CPU, then disk.
 
     Computed here because accelerate, splitting a module that does not fit, keeps its parameters but
     drops its own buffers (SD3's `pos_embed.pos_embed`), and loading then fails; such modules stay whole.
     """
-    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate import infer_auto_device_map
     from accelerate.utils import get_max_memory
 
-    with init_empty_weights():
-        empty = cls.from_config(cls.load_config(ctx.model, subfolder=subfolder))
+    empty = empty_denoiser(ctx.model)
     keep_whole = {
         type(module).__name__
         for module in empty.modules()
@@ -51,8 +50,7 @@ def load_denoiser(ctx: StageContext):
     kwargs: dict = {}
     if accelerator_count() or ctx.max_memory:
         offload_dir = ctx.offload_dir or str(Path(ctx.work_dir) / "offload")
-        kwargs.update(device_map=auto_device_map(denoiser_class(ctx.model), ctx, family.denoiser),
-                      offload_folder=offload_dir)  # fmt: skip
+        kwargs.update(device_map=auto_device_map(ctx), offload_folder=offload_dir)
     denoiser = load_denoiser_model(ctx, **kwargs)
     pipe = load_pipeline(ctx, (), **{family.denoiser: denoiser})
     # Without a VAE, diffusers assumes a scale factor of 8; take the real one from the VAE's config.

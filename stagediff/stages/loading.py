@@ -49,6 +49,15 @@ def denoiser_class(model: str) -> type:
     return getattr(diffusers, class_name)
 
 
+def empty_denoiser(model: str):
+    """The denoiser built from its config on the meta device: its structure and sizes, no weights."""
+    from accelerate import init_empty_weights
+
+    cls = denoiser_class(model)
+    with init_empty_weights():
+        return cls.from_config(cls.load_config(model, subfolder=family_for(model).denoiser))
+
+
 def load_denoiser_model(ctx: StageContext, **kwargs: Any):
     """The denoiser alone, from safetensors in the run's dtype, variant and revision; `kwargs` go to
     `from_pretrained` (`device_map`, `offload_folder`)."""

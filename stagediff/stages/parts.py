@@ -45,7 +45,7 @@ from stagediff.family import family_for, vae_scale_factor
 from stagediff.isolation import peak_rss_mb, set_process_title
 from stagediff.jobs import DenoiseJob, DenoiseSettings, StageContext, StageResult
 from stagediff.stages.devices import accelerator_count, torch_dtype
-from stagediff.stages.loading import denoiser_class, load_denoiser_model, load_pipeline
+from stagediff.stages.loading import empty_denoiser, load_denoiser_model, load_pipeline
 from stagediff.stages.work import Loaded, batches, log
 
 IN_FLIGHT_PER_PART = 2  # micro-batches in flight per part: one computing, one arriving
@@ -98,12 +98,8 @@ def plan_parts(ctx: StageContext, settings: DenoiseSettings) -> tuple[list[Part]
     """The parts (blocks, device, threads) and the denoiser's config, from an empty (meta) copy of the model.
 
     By default the blocks are split where each part's estimated compute for `settings` is about equal."""
-    from accelerate import init_empty_weights
-
     family = family_for(ctx.model)
-    cls = denoiser_class(ctx.model)
-    with init_empty_weights():
-        empty = cls.from_config(cls.load_config(ctx.model, subfolder=family.denoiser))
+    empty = empty_denoiser(ctx.model)
     names = family.block_names(ctx.model)
     patch = getattr(empty.config, "patch_size", 1) or 1
     scale = vae_scale_factor(ctx.model) * (2 if family.denoiser_packs_latents else patch)
@@ -115,7 +111,7 @@ def plan_parts(ctx: StageContext, settings: DenoiseSettings) -> tuple[list[Part]
     starts = [names.index(name) for name in ctx.pipeline_split] if ctx.pipeline_split else split_points(costs, n)
     bounds = [0, *starts, len(names)]
     gpus = accelerator_count()
-    threads = max(1, int(os.environ.get("STAGEDIFF_TORCH_THREADS") or torch.get_num_threads()) // n)
+    threads = max(1, torch.get_num_threads() // n)  # this process' threads (a replica's share, set by Loaded)
     parts = []
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         parameters = sum(p.numel() for block in blocks[a:b] for p in block.parameters())
@@ -384,8 +380,8 @@ class Parts:
         # Rendezvous through a file and connections over loopback only: nothing listens beyond this machine.
         fd, self.rendezvous = tempfile.mkstemp(prefix="stagediff-parts-")
         os.close(fd)
-        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-            if os.path.exists("/sys/class/net/lo"):
+        if os.path.exists("/sys/class/net/lo"):
+            for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
                 os.environ.setdefault(variable, "lo")
         fork = multiprocessing.get_context("fork")
         self.processes, self.conns = [], []
