@@ -66,7 +66,8 @@ def batch(
         options: Strict (stop at a damaged artifact), retries of a failed stage, chunk size (empty: automatic).
         replicas: Data-parallel replicas on this machine, each over a contiguous share of the items to do.
         device_groups: Instead of replicas: one replica per group of GPU indexes, e.g. ["0,1", "2,3"].
-        threads: On a machine without GPUs, torch threads per replica (default: the cores shared out).
+        threads: On a machine without GPUs, torch threads per replica (default: torch's own count, as a plain
+            one-process run uses, which keeps its images bit-identical to that run's).
     """
     logger = get_run_logger()
     # 1. Check the parameters, then every line of the file (before any model is built or loaded, and before

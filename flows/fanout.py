@@ -88,7 +88,7 @@ def run_replicas(
     }
     results, entries, failed = [], [], []
     for job in jobs:
-        entry = {"replica": job.replica, "devices": job.devices, "threads": job.threads,
+        entry = {"replica": job.replica, "devices": job.devices, "cpus": job.cpus, "threads": job.threads,
                  "items": [i.index for i in job.items], "status": "idle"}  # fmt: skip
         if job.items:
             futures[job.replica].wait()
@@ -119,12 +119,13 @@ def share_jobs(
     items: list[Item], groups: list[dict[str, Any]], model: str, placement: Placement, options: RunOptions,
     store: str, store_options: dict[str, Any] | None, work_dir: Path | None, result_prefix: str,
 ) -> list[ReplicaJob]:  # fmt: skip
-    """One job per replica: its contiguous share of `items` (the first shares one longer), devices, threads."""
+    """One job per replica: its contiguous share of `items` (the first shares one longer), devices, CPUs, threads."""
     shares = split(len(items), len(groups))
     return [
         ReplicaJob(
             replica=r, model=model, items=replica_items(items, shares[r]), placement=placement, options=options,
-            store=store, store_options=store_options, devices=group["devices"], threads=group["threads"],
+            store=store, store_options=store_options, devices=group["devices"], cpus=group["cpus"],
+            threads=group["threads"],
             work_dir=None if work_dir is None else str(work_dir / str(r)), result=f"{result_prefix}/{r}.json",
         )
         for r, group in enumerate(groups)
@@ -156,10 +157,11 @@ def fanout(
         output: Output root, run id and artifact store (with a pool: a URL every worker reaches, e.g. s3://...).
         options: Strict, retries, chunk size (each replica's).
         replicas: How many replicas (default 1): on a machine with GPUs each gets its share of them, without
-            GPUs its share of the cores.
+            GPUs its share of the cores (by CPU affinity).
         device_groups: Instead of replicas: one replica per group of GPU indexes, e.g. ["0,1", "2,3"].
         pool: A work pool: each share becomes a flow run of the `replica/<pool>` deployment.
-        threads: On a machine without GPUs, torch threads per replica (default: the cores shared out).
+        threads: On a machine without GPUs, torch threads per replica (default: torch's own count, as a plain
+            one-process run uses, which keeps its images bit-identical to that run's).
         storage_options: fsspec options of a URL store, e.g. {"endpoint_url": "http://127.0.0.1:9000"}.
         job_variables: With a pool: job variables of every replica's flow run (e.g. {"env": {...}}).
     """

@@ -54,6 +54,12 @@ def parse_pair(parameter: str, value: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+THREADS_HELP = (
+    "without GPUs: torch threads per replica, each on its share of the cores (default: torch's own count, as "
+    "one process uses: the same images bit for bit; fewer can be faster but may change the last bit)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagediff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     fan.add_argument("--replicas", type=int, help="replicas, each over a contiguous share of the prompts")
     fan.add_argument("--device-groups", metavar='"0,1;2,3"', help="one replica per group of GPU indexes")
     fan.add_argument("--pool", help="a work pool: each share runs as a flow run of its replica/POOL deployment")
-    fan.add_argument("--threads", type=int, help="without GPUs: torch threads per replica (default: cores / replicas)")
+    fan.add_argument("--threads", type=int, help=THREADS_HELP)
     fan.add_argument(
         "--storage-options", metavar="JSON", help='fsspec options of a URL store, e.g. {"endpoint_url": ...}'
     )
@@ -104,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     fan = batch.add_argument_group("fan-out (data-parallel replicas on this machine; see README)")
     fan.add_argument("--replicas", type=int, help="replicas, each over a contiguous share of the items to do")
     fan.add_argument("--device-groups", metavar='"0,1;2,3"', help="one replica per group of GPU indexes")
-    fan.add_argument("--threads", type=int, help="without GPUs: torch threads per replica (default: cores / replicas)")
+    fan.add_argument("--threads", type=int, help=THREADS_HELP)
 
     resume = commands.add_parser("resume", help="finish a run: compute only what its store lacks")
     resume.add_argument("run", metavar="OUT/RUN", help="the run folder (its manifest.json holds the request)")
@@ -330,8 +336,11 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
     print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
     for replica in manifest["replicas"]:
         where = replica.get("flow_run_id") or f"pid {replica.get('pid')}"
+        seen = replica.get("seen") or {}
+        on = f"devices {replica['devices']}" if replica["devices"] else f"cpus {seen.get('cpus', replica['cpus'])}"
+        threads = seen.get("torch_threads", replica["threads"])
         print(f"  replica {replica['replica']}  {replica['status']:9s} {len(replica['items']):4d} items  {where}"
-              f"  devices {replica['devices']}  threads {replica['threads']}")  # fmt: skip
+              f"  {on}  torch threads {threads}")  # fmt: skip
     return 0
 
 

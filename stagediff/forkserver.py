@@ -8,7 +8,12 @@ import atexit
 import os
 import sys
 
-from stagediff.preload import prepare_forkserver
+# OpenMP threads that wait for work sleep instead of spinning (read once, when torch loads OpenMP). A CPU
+# replica runs more threads than its share of the cores (see stagediff/replica.py), and there a spinning
+# thread holds the core its siblings need: the tiny model ran ~100x slower. Set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from stagediff.preload import prepare_forkserver  # imports torch: after the line above
 
 prepare_forkserver()
 

@@ -186,6 +186,7 @@ def _child_main(
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(conn, lock)]
     root.setLevel(logging.INFO)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the forkserver does, for a spawned stage
     started = time.time()
     try:
         fn = _resolve(target)  # imports the stage's module: free after a forkserver preload

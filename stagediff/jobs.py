@@ -138,6 +138,6 @@ class StageResult:
     loads: int = 0  # how many times this process loaded its models (0 when the store had everything)
     load_seconds: float = 0.0
     compute_seconds: float = 0.0  # everything after loading: the items' work, reads and writes
-    environment: dict | None = None  # what the process saw: CUDA_VISIBLE_DEVICES and torch's thread count
+    environment: dict | None = None  # what the process saw: CUDA_VISIBLE_DEVICES, torch threads, its CPUs
     pipeline: dict | None = None  # denoise in parts: the split (blocks per part and device) and each part's time
     process: dict | None = None  # set by the parent: pid, seconds, start-up, peak RSS (isolation.ProcessStats)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from stagediff.default_model import ensure_default_model
     from stagediff.engine import request_items
-    from stagediff.replica import ReplicaJob, replica_items, run_replica
+    from stagediff.replica import ReplicaJob, cpu_shares, default_torch_threads, replica_items, run_replica
     from stagediff.request import visible_gpus
     from stagediff.run_manifest import gather, open_manifest
 
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         replica=rank, model=request.model, items=replica_items(items, share), placement=request.placement,
         options=options, store=store_location,
         devices=gpus[state.local_process_index % len(gpus)] if gpus else None,
-        threads=None if gpus else max(1, (os.cpu_count() or 1) // local_world),
+        # without GPUs: this machine's cores shared out by local rank, and the threads of a plain run (not the
+        # launcher's OMP_NUM_THREADS=1), so the images are the plain pipeline's bit for bit
+        cpus=None if gpus else cpu_shares(local_world)[state.local_process_index],
+        threads=None if gpus else args.threads or default_torch_threads(),
         work_dir=str(request.run_dir / "replicas" / str(rank)), result=f"launch/{request.run_id}/{rank}.json",
     )  # fmt: skip
     started = time.time()
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         gather(manifest, request.run_dir, store, results)
         for r in results:
             manifest["replicas"].append({"replica": r["replica"], "pid": r["pid"], "devices": r.get("devices"),
-                                         "threads": r.get("threads"), "items": sorted(map(int, r["items"])),
+                                         "cpus": r.get("cpus"), "threads": r.get("threads"),
+                                         "items": sorted(map(int, r["items"])),
                                          "seconds": r["seconds"], "status": "completed"})  # fmt: skip
         write_manifest(request.run_dir, manifest)
         store.register_run(request.run_dir / "manifest.json")

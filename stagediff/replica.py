@@ -2,9 +2,15 @@
 
 A replica is one process (forked from the fan-out flow's stage forkserver, a flow run on a pool worker, or
 a torchrun/accelerate rank) whose stage processes see only its devices (`CUDA_VISIBLE_DEVICES`) or,
-without GPUs, its share of the cores. It writes into the shared store and returns only store keys:
+without GPUs, run on its share of the cores. It writes into the shared store and returns only store keys:
 whoever started it gathers the items by index. Item i is seeded with `seed + i` wherever it runs,
 so its image is the one a single replica would make.
+
+On the CPU the last bit of some kernels (oneDNN convolutions, whole-tensor sums) depends on how many
+threads compute them, so a CPU replica keeps the thread count a plain one-process run gets and takes
+its share of the cores by CPU affinity: its images are the plain pipeline's, bit for bit. `threads`
+trades that for speed (e.g. one thread per core); the stage processes wait passively between
+parallel regions (see stagediff/forkserver.py), so more threads than cores do not spin.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ class ReplicaJob(BaseModel):
     store: str = Field(description="The shared artifact store: a folder (one machine) or a URL.")
     store_options: dict[str, Any] | None = None
     devices: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES of its processes; None: as given.")
-    threads: int | None = Field(default=None, ge=1, description="torch threads of its stage processes.")
+    cpus: list[int] | None = Field(default=None, description="The CPUs its processes run on; None: as given.")
+    threads: int | None = Field(default=None, ge=1, description="torch threads of its stage processes; None: torch's.")
     work_dir: str | None = Field(default=None, description="Its folder for offloaded weights; None: a temporary one.")
     result: str = Field(description="Store-relative name its result is written to (what the parent gathers).")
 
@@ -80,6 +87,25 @@ def parse_device_groups(value: str | list[str]) -> list[str]:
     return groups
 
 
+def cpu_shares(replicas: int, cpus: list[int] | None = None) -> list[list[int]]:
+    """`cpus` (default: the CPUs this process may run on) cut into contiguous shares, one per replica, the
+    first ones one CPU longer when uneven; with more replicas than CPUs, replica r gets CPU r mod count."""
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if replicas > len(cpus):
+        return [[cpus[r % len(cpus)]] for r in range(replicas)]
+    return [cpus[share.start : share.stop] for share in split(len(cpus), replicas)]
+
+
+def default_torch_threads() -> int:
+    """The intra-op threads torch gives a fresh process here when no OMP_NUM_THREADS or MKL_NUM_THREADS is set
+    (its physical cores): what the plain pipeline computes with. torchrun and accelerate set OMP_NUM_THREADS=1
+    in their ranks; torch's inter-op default comes from the same core count and no variable changes it."""
+    import torch
+
+    return torch.get_num_interop_threads()
+
+
 def plan_replicas(
     replicas: int | None,
     device_groups: str | list[str] | None,
@@ -87,10 +113,11 @@ def plan_replicas(
     store: str | None,
     threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Each replica's devices and threads, or RequestError (one line) before anything is written.
+    """Each replica's devices, CPUs and threads, or RequestError (one line) before anything is written.
 
-    `threads`: torch threads per replica on a machine without GPUs (default: the cores shared out).
-    More replicas than items is allowed: the extra ones stay idle (they start no process)."""
+    Without GPUs each replica runs on its share of the cores (`cpus`), with `threads` torch threads (default:
+    torch's own count, as a plain run, for the same bits). More replicas than items is allowed: the extra
+    ones stay idle (they start no process)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise RequestError("threads", threads, "must be an integer >= 1")
     if replicas is not None and device_groups is not None:
@@ -103,28 +130,31 @@ def plan_replicas(
             groups = parse_device_groups(device_groups)
         except ValueError as exc:
             raise RequestError("device_groups", device_groups, str(exc)) from None
-        return [{"devices": group, "threads": None} for group in groups]
+        return [{"devices": group, "cpus": None, "threads": None} for group in groups]
     if replicas is None:
         replicas = 1
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise RequestError("replicas", replicas, "must be an integer >= 1")
     if pool is not None:
-        return [{"devices": None, "threads": None} for _ in range(replicas)]  # the workers decide
+        return [{"devices": None, "cpus": None, "threads": None} for _ in range(replicas)]  # the workers decide
     gpus = visible_gpus()
     if gpus:
         if replicas > len(gpus):
             raise RequestError("replicas", replicas, f"must be at most the {len(gpus)} GPUs of this machine")
         per = len(gpus) // replicas
-        return [{"devices": ",".join(gpus[r * per : (r + 1) * per]), "threads": None} for r in range(replicas)]
-    threads = threads or max(1, (os.cpu_count() or 1) // replicas)  # no GPU: the cores shared out
-    return [{"devices": None, "threads": threads} for _ in range(replicas)]
+        groups = [",".join(gpus[r * per : (r + 1) * per]) for r in range(replicas)]
+        return [{"devices": group, "cpus": None, "threads": None} for group in groups]
+    return [{"devices": None, "cpus": cpus, "threads": threads} for cpus in cpu_shares(replicas)]  # no GPU
 
 
 def apply_devices(job: ReplicaJob) -> None:
     """Pin this process' stage processes to the replica's devices: set before the stage forkserver starts,
-    which they are forked from (and `STAGEDIFF_TORCH_THREADS`, which every stage process applies)."""
+    which they are forked from (and `STAGEDIFF_TORCH_THREADS`, which every stage process applies). The CPU
+    affinity is this process' own, so every process it starts inherits it."""
     if job.devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = job.devices
+    if job.cpus is not None and hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the OS places them
+        os.sched_setaffinity(0, job.cpus)
     if job.threads is not None:
         os.environ["STAGEDIFF_TORCH_THREADS"] = str(job.threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(job.threads))
@@ -156,6 +186,7 @@ def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None
         "replica": job.replica,
         "pid": os.getpid(),
         "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cpus": job.cpus,
         "threads": job.threads,
         "dtype": engine.ctx.dtype,
         "seconds": round(time.time() - started, 3),

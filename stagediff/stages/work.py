@@ -71,6 +71,19 @@ def hold_devices(stage: str) -> list[int]:
     return held
 
 
+def cpu_list() -> str | None:
+    """The CPUs this process may run on, as "0-3,8" (None where the OS does not say)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus, runs = sorted(os.sched_getaffinity(0)), []
+    for cpu in cpus:
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 class Loaded:
     """A stage's models, loaded on first use (a stage with nothing to compute loads nothing), timed; it also
     applies and notes the process' device setting."""
@@ -78,12 +91,13 @@ class Loaded:
     def __init__(self, load: Callable[[], Any], result: StageResult, stage: str = "stage") -> None:
         self.load, self.result, self.value, self.stage = load, result, None, stage
         self.started = time.perf_counter()
-        threads = os.environ.get("STAGEDIFF_TORCH_THREADS")  # a replica's share of the cores
+        threads = os.environ.get("STAGEDIFF_TORCH_THREADS")  # a replica's --threads
         if threads:
             torch.set_num_threads(int(threads))
         result.environment = {
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "torch_threads": torch.get_num_threads(),
+            "cpus": cpu_list(),
         }
 
     def get(self) -> Any:
