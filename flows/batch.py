@@ -32,7 +32,7 @@ from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.engine import Item
 from stagediff.family import family_for
 from stagediff.flows.fanout import ReplicaFailed, failure, run_replicas, share_jobs
-from stagediff.flows.running import refusals_are_final, run_name, start_engine
+from stagediff.flows.running import heartbeats, refusals_are_final, run_name, start_engine
 from stagediff.flows.ui import caption, gallery, items_table
 from stagediff.jobs import ItemRef
 from stagediff.progress import Progress
@@ -83,7 +83,7 @@ def batch(
 
     # 2. Plan: name every item's artifacts; skip the items whose image is already in the folder. A second run
     #    on the same folder waits for the first, then does what is left.
-    with store_lock(store_dir, logger):
+    with store_lock(store_dir, logger), heartbeats():
         artifact_store = check_store(None, str(store_dir))
         engine = start_engine(request.model, model, request.placement, artifact_store, str(store_dir), options)
         true_cfg = family_for(request.model).true_cfg

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store, write_manifest
 from stagediff.engine import Item, request_items
-from stagediff.flows.running import checked_request, refusals_are_final, run_name
+from stagediff.flows.running import checked_request, heartbeats, refusals_are_final, run_name
 from stagediff.flows.ui import label_flow_run, model_tag
 from stagediff.isolation import StageError, run_isolated, warm_up
 from stagediff.replica import ReplicaJob, plan_replicas, replica_items, split
@@ -176,32 +176,33 @@ def fanout(
         warm_up(request.model)  # local replicas fork from it: torch and the model's classes imported once
     label_flow_run(None if output.run_id else f"fanout {request.run_id}", model_tag(model))
 
-    # 2. The shares: contiguous, the first ones one item longer when uneven
-    items = request_items(request)
-    resolved = items[0].settings
-    store = Store(store_location, storage_options)
-    jobs = share_jobs(
-        items, groups, request.model, request.placement, options, store_location, storage_options,
-        None if pool else run_dir / "replicas", f"fanout/{request.run_id}-{flow_run.id or new_run_id()}",
-    )  # fmt: skip
-    manifest.update(settings=resolved.__dict__, store=store_location, status="running", stages={},
-                    flow_run_id=str(flow_run.id) if flow_run.id else None, replicas=[])  # fmt: skip
-    write_manifest(run_dir, manifest)
-    store.register_run(run_dir / "manifest.json")
-    logger.info("run %s: %d prompts over %d replicas %s", request.run_id, len(items), len(jobs),
-                [len(job.items) for job in jobs])  # fmt: skip
-
-    # 3. The replicas, concurrently; a failed one loses none of the others' results
-    results, manifest["replicas"], failed = run_replicas(jobs, store, run_dir, pool, job_variables)
-
-    # 4. Gather by item index, in request order
-    gather(manifest, run_dir, store, results)
-    manifest["stages"] = {r["replica"]: r["stages"] for r in results}
-    if failed:
-        manifest.update(status="failed", error=f"failed shares: {', '.join(failed)}")
+    with heartbeats():
+        # 2. The shares: contiguous, the first ones one item longer when uneven
+        items = request_items(request)
+        resolved = items[0].settings
+        store = Store(store_location, storage_options)
+        jobs = share_jobs(
+            items, groups, request.model, request.placement, options, store_location, storage_options,
+            None if pool else run_dir / "replicas", f"fanout/{request.run_id}-{flow_run.id or new_run_id()}",
+        )  # fmt: skip
+        manifest.update(settings=resolved.__dict__, store=store_location, status="running", stages={},
+                        flow_run_id=str(flow_run.id) if flow_run.id else None, replicas=[])  # fmt: skip
         write_manifest(run_dir, manifest)
-        raise ReplicaFailed(failure(failed, jobs))
-    manifest["status"] = "completed"
-    write_manifest(run_dir, manifest)
-    logger.info("run %s completed: %d images in %s", request.run_id, len(items), run_dir / "images")
-    return manifest
+        store.register_run(run_dir / "manifest.json")
+        logger.info("run %s: %d prompts over %d replicas %s", request.run_id, len(items), len(jobs),
+                    [len(job.items) for job in jobs])  # fmt: skip
+
+        # 3. The replicas, concurrently; a failed one loses none of the others' results
+        results, manifest["replicas"], failed = run_replicas(jobs, store, run_dir, pool, job_variables)
+
+        # 4. Gather by item index, in request order
+        gather(manifest, run_dir, store, results)
+        manifest["stages"] = {r["replica"]: r["stages"] for r in results}
+        if failed:
+            manifest.update(status="failed", error=f"failed shares: {', '.join(failed)}")
+            write_manifest(run_dir, manifest)
+            raise ReplicaFailed(failure(failed, jobs))
+        manifest["status"] = "completed"
+        write_manifest(run_dir, manifest)
+        logger.info("run %s completed: %d images in %s", request.run_id, len(items), run_dir / "images")
+        return manifest

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store, write_manifest
 from stagediff.engine import request_items
-from stagediff.flows.running import checked_request, refusals_are_final, run_name, start_engine
+from stagediff.flows.running import checked_request, heartbeats, refusals_are_final, run_name, start_engine
 from stagediff.flows.ui import caption, gallery, items_table
 from stagediff.progress import Progress
 from stagediff.request import (
@@ -54,55 +54,56 @@ def generate(
         run_dir = request.run_dir
         manifest = open_manifest(request)
 
-    # 2. The engine; every artifact named by its content key (the store may hold some already)
-    engine = start_engine(
-        request.model,
-        model,
-        request.placement,
-        store_location,
-        str(run_dir),
-        options,
-        name=None if output.run_id else f"generate {request.run_id}",  # else named so at its creation
-    )
-    items = request_items(request)
-    resolved = items[0].settings
-    keys = {item.index: engine.keys(item) for item in items}
-    if options.strict:
-        engine.verify(items, keys)  # a damaged artifact stops the run here, before its record is touched
-    store = Store(store_location)
-    plan(manifest, keys, store, resolved, engine)
-    manifest.update(status="running", flow_run_id=str(flow_run.id) if flow_run.id else None)
-    write_manifest(run_dir, manifest)
-    store.register_run(run_dir / "manifest.json")
-    logger.info("run %s: %d prompts -> %s (store %s)", request.run_id, len(items), run_dir, store_location)
-
-    # 3. encode -> denoise -> decode, persisting each stage's record as soon as it is done
-    progress = Progress(len(items))
-    progress.start()
-    try:
-        engine.run(items, keys, lambda stage, refs: record(manifest, run_dir, store, engine, stage, refs), progress)
-    except BaseException as exc:
-        # what every stage did, an interrupted one included; cancelled (Prefect's SIGTERM, Ctrl-C) or failed
-        cancelled = isinstance(exc, TerminationSignal | KeyboardInterrupt)
-        manifest["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
-        manifest.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
+    with heartbeats():
+        # 2. The engine; every artifact named by its content key (the store may hold some already)
+        engine = start_engine(
+            request.model,
+            model,
+            request.placement,
+            store_location,
+            str(run_dir),
+            options,
+            name=None if output.run_id else f"generate {request.run_id}",  # else named so at its creation
+        )
+        items = request_items(request)
+        resolved = items[0].settings
+        keys = {item.index: engine.keys(item) for item in items}
+        if options.strict:
+            engine.verify(items, keys)  # a damaged artifact stops the run here, before its record is touched
+        store = Store(store_location)
+        plan(manifest, keys, store, resolved, engine)
+        manifest.update(status="running", flow_run_id=str(flow_run.id) if flow_run.id else None)
         write_manifest(run_dir, manifest)
-        raise
-    progress.finish()
-    manifest["status"] = "completed"
-    manifest.pop("error", None)
-    write_manifest(run_dir, manifest)
+        store.register_run(run_dir / "manifest.json")
+        logger.info("run %s: %d prompts -> %s (store %s)", request.run_id, len(items), run_dir, store_location)
 
-    # 4. What the UI shows: the items and the first images
-    computed = set(manifest["stages"]["decode"]["computed"])
-    rows = [
-        {"index": e["index"], "prompt": e["prompt"], "seed": e["seed"], "steps": resolved.steps,
-         "size": f"{resolved.width}x{resolved.height}", "made": "computed" if e["index"] in computed else "reused",
-         "image": str((run_dir / e["image"]).resolve())}
-        for e in manifest["items"]
-    ]  # fmt: skip
-    items_table(rows, key="generate-items", what=str(run_dir / "manifest.json"))
-    images = [(run_dir / e["image"], caption(e["prompt"], e["seed"])) for e in manifest["items"]]
-    gallery(images, key="generate-gallery", title=f"Run {request.run_id}: {len(items)} images", where=str(run_dir))
-    logger.info("run %s completed: %d images in %s", request.run_id, len(items), run_dir / "images")
-    return manifest
+        # 3. encode -> denoise -> decode, persisting each stage's record as soon as it is done
+        progress = Progress(len(items))
+        progress.start()
+        try:
+            engine.run(items, keys, lambda stage, refs: record(manifest, run_dir, store, engine, stage, refs), progress)
+        except BaseException as exc:
+            # what every stage did, an interrupted one included; cancelled (Prefect's SIGTERM, Ctrl-C) or failed
+            cancelled = isinstance(exc, TerminationSignal | KeyboardInterrupt)
+            manifest["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
+            manifest.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
+            write_manifest(run_dir, manifest)
+            raise
+        progress.finish()
+        manifest["status"] = "completed"
+        manifest.pop("error", None)
+        write_manifest(run_dir, manifest)
+
+        # 4. What the UI shows: the items and the first images
+        computed = set(manifest["stages"]["decode"]["computed"])
+        rows = [
+            {"index": e["index"], "prompt": e["prompt"], "seed": e["seed"], "steps": resolved.steps,
+             "size": f"{resolved.width}x{resolved.height}", "made": "computed" if e["index"] in computed else "reused",
+             "image": str((run_dir / e["image"]).resolve())}
+            for e in manifest["items"]
+        ]  # fmt: skip
+        items_table(rows, key="generate-items", what=str(run_dir / "manifest.json"))
+        images = [(run_dir / e["image"], caption(e["prompt"], e["seed"])) for e in manifest["items"]]
+        gallery(images, key="generate-gallery", title=f"Run {request.run_id}: {len(items)} images", where=str(run_dir))
+        logger.info("run %s completed: %d images in %s", request.run_id, len(items), run_dir / "images")
+        return manifest

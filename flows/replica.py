@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from stagediff.artifacts import Store
-from stagediff.flows.running import refusals_are_final
+from stagediff.flows.running import heartbeats, refusals_are_final
 from stagediff.replica import ReplicaJob, run_replica
 
 
@@ -28,5 +28,6 @@ def replica(store: str, job: str, store_options: dict[str, Any] | None = None) -
         raise FileNotFoundError(f"replica job {job} is not in the store {store}")
     with refusals_are_final():  # a job that is not a ReplicaJob is never retried
         replica_job = ReplicaJob.model_validate_json(data)
-    result = run_replica(replica_job, prefect_tasks=True, logger=get_run_logger())
+    with heartbeats():
+        result = run_replica(replica_job, prefect_tasks=True, logger=get_run_logger())
     return {"replica": result["replica"], "items": len(result["items"]), "pid": result["pid"]}

@@ -1,12 +1,16 @@
 """What the flows do around the engine: start the stage processes' imports early, name and tag the
-flow run, resolve the model's identity and dtype, build the engine, and never retry bad input."""
+flow run, resolve the model's identity and dtype, build the engine, send heartbeats, and never retry
+bad input."""
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import prefect
 from prefect import get_client, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
@@ -86,3 +90,56 @@ def refusals_are_final() -> Iterator[None]:
             with get_client(sync_client=True) as client:
                 client.update_flow_run(context.flow_run.id, empirical_policy=policy)
         raise
+
+
+# deploy/crash-zombie-flow-runs.json marks a flow run Crashed after 90 s without a heartbeat
+HEARTBEAT_SECONDS = 30
+
+
+@contextmanager
+def heartbeats() -> Iterator[None]:
+    """This flow run's heartbeat events, every 30 s while the block runs, unless Prefect sends them as often.
+
+    Prefect sends one every 180 s by default: with the automation of `make deploy`, a run of two minutes
+    would be marked Crashed while it runs. Deployments' runs beat every 30 s (prefect.yaml); the command
+    line turns Prefect's own heartbeats off (`without_prefect_heartbeats`), because the end of a flow run
+    waits for their thread's current 1 s sleep (0.5 s a run on average). This thread waits on an event
+    instead, so it stops the moment the block ends.
+    """
+    from prefect.events import emit_event
+    from prefect.settings import get_current_settings
+
+    frequency = get_current_settings().flows.heartbeat_frequency
+    context = FlowRunContext.get()
+    if (frequency is not None and frequency <= HEARTBEAT_SECONDS) or context is None or context.flow_run is None:
+        yield
+        return
+    run = context.flow_run
+    resource = {"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name,
+                "prefect.version": prefect.__version__}  # fmt: skip
+    related = [{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow"}]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            emit_event(event="prefect.flow-run.heartbeat", resource=resource, related=related)
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    # the thread sees this one's Prefect settings (its API URL), as Prefect's own heartbeat thread does
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
+def without_prefect_heartbeats() -> Iterator[None]:
+    """Flows called inside send their heartbeats from `heartbeats()` alone (for a flow run in this process)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

@@ -266,11 +266,12 @@ def run_flow(
     choose_api()  # an unreachable configured server is one line, before anything starts
     warm_up(request.model)  # the stage forkserver imports torch while Prefect starts
     from stagediff.flows.generate import generate
+    from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output
 
     prompts = prompts_of(request, prompts_file)
     output = Output(out=request.out, run_id=request.run_id, store=store)
-    with progress_bars():
+    with progress_bars(), without_prefect_heartbeats():
         manifest = generate(prompts, request.settings, model, request.placement, output, options)
     run_dir = request.run_dir
     print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
@@ -324,14 +325,16 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
     if args.pool is None:
         warm_up(request.model)  # the local replicas fork from it: its imports run while Prefect starts
     from stagediff.flows.fanout import fanout
+    from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output
 
     prompts = prompts_of(request, args.prompts_file)
     output = Output(out=request.out, run_id=request.run_id, store=args.store)
     device_groups = [g["devices"] for g in groups] if args.device_groups is not None else None
-    manifest = fanout(prompts, request.settings, args.model, request.placement, output, options,
-                      replicas=None if device_groups else len(groups), device_groups=device_groups, pool=args.pool,
-                      threads=args.threads, storage_options=storage_options)  # fmt: skip
+    with without_prefect_heartbeats():
+        manifest = fanout(prompts, request.settings, args.model, request.placement, output, options,
+                          replicas=None if device_groups else len(groups), device_groups=device_groups,
+                          pool=args.pool, threads=args.threads, storage_options=storage_options)  # fmt: skip
     run_dir = request.run_dir
     print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
     for replica in manifest["replicas"]:
@@ -381,8 +384,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     choose_api()  # the flow starts the stage forkserver itself
     from stagediff.flows.batch import batch
+    from stagediff.flows.running import without_prefect_heartbeats
 
-    with progress_bars():
+    with progress_bars(), without_prefect_heartbeats():
         manifest = batch(args.prompts_file, args.store, request.settings, args.model, args.seed, request.placement,
                          options, args.replicas, device_groups, args.threads)  # fmt: skip
     run = manifest["runs"][-1]

@@ -366,25 +366,28 @@ def test_the_form_rejects_bad_parameters_before_a_run_is_created(stack: Stack) -
         assert len(client.read_flow_runs(deployment_filter=runs)) == before  # no run was created
 
 
-def test_every_deployment_retries_a_failed_flow_run() -> None:
+def test_every_deployment_retries_a_failed_flow_run_and_beats_every_30_s() -> None:
     """prefect.yaml takes no flow retries: the work pool's env sets Prefect's flow default, read by every flow
-    when its run process imports it (direct calls and `stagediff generate` keep none)."""
+    when its run process imports it (direct calls and `stagediff generate` keep none). The same env makes
+    Prefect send a heartbeat every 30 s, inside the 90 s of the automation in deploy/."""
     import yaml
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     envs = [d["work_pool"]["job_variables"].get("env") for d in config["deployments"]]
-    assert envs == [{"PREFECT_FLOW_DEFAULT_RETRIES": "2", "PREFECT_FLOW_DEFAULT_RETRY_DELAY_SECONDS": "30"}] * 4
+    assert envs == [{"PREFECT_FLOW_DEFAULT_RETRIES": "2", "PREFECT_FLOW_DEFAULT_RETRY_DELAY_SECONDS": "30",
+                     "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}] * 4  # fmt: skip
     entrypoints = [d["entrypoint"] for d in config["deployments"]]
     assert entrypoints == ["flows/generate.py:generate", "flows/batch.py:batch", "flows/fanout.py:fanout",
                            "flows/replica.py:replica"]  # fmt: skip
     code = (
         "from stagediff.flows import batch, fanout, generate, replica\n"
         "print([(f.retries, f.retry_delay_seconds) for f in (generate.generate, batch.batch, fanout.fanout, "
-        "replica.replica)])"
+        "replica.replica)]);"
+        "from prefect.settings import get_current_settings; print(get_current_settings().flows.heartbeat_frequency)"
     )
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **envs[0]}, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
-    assert proc.stdout.strip() == str([(2, 30)] * 4), proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [str([(2, 30)] * 4), "30"], proc.stderr[-2000:]
 
 
 def test_a_cancelled_run_records_cancelled_and_what_was_stored(stack: Stack, tiny_model: Path, tmp_path: Path):

@@ -271,3 +271,57 @@ def test_a_hub_revision_is_the_snapshot_the_run_loads(
     assert main(["resume", str(out / "r")]) == 0
     ctx = StageContext(model=v1.model, work_dir=str(tmp_path), store=str(out), dtype="float32", revision="v1")
     assert load_pipeline(ctx, ("vae",)).vae is not None
+
+
+@pytest.mark.parametrize("prefect_frequency", [None, 30], ids=["prefect-off", "prefect-every-30s"])
+def test_a_flow_run_beats_while_it_works_and_stops_at_once(
+    prefect_server, monkeypatch: pytest.MonkeyPatch, prefect_frequency: int | None
+) -> None:
+    """The heartbeats the automation of `make deploy` waits for (a run without one for 90 s is marked Crashed):
+    a flow of this package beats every HEARTBEAT_SECONDS, unless Prefect's own heartbeats are as frequent,
+    and its thread ends with the block instead of finishing a 1 s sleep."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from stagediff.flows import running
+
+    beats: list[dict] = []
+    monkeypatch.setattr("prefect.events.emit_event", lambda **event: beats.append(event))
+    if prefect_frequency is None:
+        monkeypatch.setattr(running, "HEARTBEAT_SECONDS", 0.2)  # else 30, as often as Prefect's
+
+    @flow
+    def working() -> tuple[str, float]:
+        with running.heartbeats():
+            time.sleep(0.7)
+            ended = time.perf_counter()
+        return str(flow_run.id), time.perf_counter() - ended
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: prefect_frequency}):
+        run_id, stopping = working()
+    if prefect_frequency is None:
+        assert len(beats) == 4  # at 0, 0.2, 0.4 and 0.6 s
+        assert {b["event"] for b in beats} == {"prefect.flow-run.heartbeat"}
+        assert {b["resource"]["prefect.resource.id"] for b in beats} == {f"prefect.flow-run.{run_id}"}
+        assert stopping < 0.1, stopping
+    else:
+        assert beats == []  # Prefect beats often enough by itself
+
+
+def test_the_command_s_flow_runs_beat_from_stagediff_s_thread_alone(
+    api, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stagediff generate` turns Prefect's own heartbeats off (the run's end would wait out their 1 s sleep)
+    and its flow run beats from `heartbeats()`, which the automation of `make deploy` needs."""
+    from prefect.flow_engine import FlowRunEngine
+
+    ours, prefects = [], []
+    monkeypatch.setattr("prefect.events.emit_event", lambda **event: ours.append(event))
+    monkeypatch.setattr(FlowRunEngine, "_emit_flow_run_heartbeat", lambda self, *a, **k: prefects.append(self))
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "a dog", *SMALL, "--out", str(out),
+                 "--run-id", "beats"]) == 0  # fmt: skip
+    run_id = json.loads((out / "beats" / "manifest.json").read_text())["flow_run_id"]
+    assert [e["resource"]["prefect.resource.id"] for e in ours] == [f"prefect.flow-run.{run_id}"]  # the first
+    assert prefects == []
