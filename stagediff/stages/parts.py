@@ -1,7 +1,7 @@
 """Stage 2 in parts: scheduled pipeline parallelism for a transformer denoiser (`--pipeline-stages N`).
 
 The denoiser's blocks are cut into N consecutive parts, one process per part (its own device, or its own
-CPU threads), and the stage's batches stream through them as micro-batches. Each micro-batch runs the
+share of the CPU cores), and the stage's batches stream through them as micro-batches. Each micro-batch runs the
 family's own diffusers loop in a thread of this process (the coordinator), whose denoiser is a proxy: a
 call sends its inputs to every part and waits for the last part's output. As soon as a micro-batch leaves
 the last part its thread takes the scheduler step and sends the next step into the first part, so with
@@ -62,7 +62,8 @@ class Part:
     parameters: int  # in its blocks (every part also holds the embedders and output layers)
     share: float  # of the blocks' estimated compute
     device: str
-    threads: int  # torch threads (CPU parts)
+    threads: int  # torch threads: the stage's own, so that each block computes the bits it does unsplit
+    cpus: tuple[int, ...] | None = None  # CPU parts: their share of the stage's cores (None: as the stage)
 
 
 def split_points(costs: list[float], parts: int) -> list[int]:
@@ -94,10 +95,12 @@ def block_cost(block: torch.nn.Module, image_tokens: int, text_tokens: int, inne
     return cost
 
 
-def plan_parts(ctx: StageContext, settings: DenoiseSettings) -> tuple[list[Part], Any]:
-    """The parts (blocks, device, threads) and the denoiser's config, from an empty (meta) copy of the model.
+def plan_parts(ctx: StageContext, settings: DenoiseSettings, threads: int) -> tuple[list[Part], Any]:
+    """The parts (blocks, device, CPUs) and the denoiser's config, from an empty (meta) copy of the model.
 
-    By default the blocks are split where each part's estimated compute for `settings` is about equal."""
+    By default the blocks are split where each part's estimated compute for `settings` is about equal. On the
+    CPU a kernel's last bit can depend on its thread count: each part computes with `threads`, the stage's (a
+    plain run's, or a replica's --threads), on its share of the stage's cores (see stagediff/replica.py)."""
     family = family_for(ctx.model)
     empty = empty_denoiser(ctx.model)
     names = family.block_names(ctx.model)
@@ -111,12 +114,15 @@ def plan_parts(ctx: StageContext, settings: DenoiseSettings) -> tuple[list[Part]
     starts = [names.index(name) for name in ctx.pipeline_split] if ctx.pipeline_split else split_points(costs, n)
     bounds = [0, *starts, len(names)]
     gpus = accelerator_count()
-    threads = max(1, torch.get_num_threads() // n)  # this process' threads (a replica's share, set by Loaded)
+    from stagediff.replica import cpu_shares
+
+    cpus = [None] * n if gpus or not hasattr(os, "sched_setaffinity") else cpu_shares(n)
     parts = []
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         parameters = sum(p.numel() for block in blocks[a:b] for p in block.parameters())
         parts.append(Part(k, tuple(names[a:b]), parameters, round(sum(costs[a:b]) / sum(costs), 4),
-                          f"cuda:{k % gpus}" if gpus else "cpu", threads))  # fmt: skip
+                          f"cuda:{k % gpus}" if gpus else "cpu", threads,
+                          None if cpus[k] is None else tuple(cpus[k])))  # fmt: skip
     return parts, empty.config
 
 
@@ -249,6 +255,8 @@ def part_main(ctx: StageContext, parts: list[Part], k: int, rendezvous: str, con
     logging.getLogger().handlers.clear()  # the stage's log pipe belongs to the coordinator
     part, n = parts[k], len(parts)
     try:
+        if part.cpus is not None:
+            os.sched_setaffinity(0, part.cpus)
         torch.set_num_threads(part.threads)
         cuda = part.device.startswith("cuda")
         if cuda:
@@ -471,11 +479,15 @@ def denoise_in_parts(job: DenoiseJob, in_flight: int | None = None) -> StageResu
     if all(store.usable("latents", item.key) for item in job.items):
         return models.finish()
     models.get()
-    parts, config = plan_parts(ctx, job.items[0].settings)
+    threads = torch.get_num_threads()  # the parts'
+    # The coordinator's own work (scheduler steps, guidance) takes one thread. Set before planning, so that this
+    # process starts no OpenMP team before it forks the parts (SD3 computes its position embedding as it is
+    # built): a forked child would wait forever for the team's threads, which it does not have.
+    torch.set_num_threads(1)
+    parts, config = plan_parts(ctx, job.items[0].settings, threads)
     running = Parts(ctx, parts)  # forked before anything is claimed: the parts hold no claim of ours
     held: list = []
     try:
-        torch.set_num_threads(1)  # the coordinator's own work: scheduler steps and guidance
         pipe = load_pipeline(ctx, ())
         pipe.transformer = PartsProxy(config, torch_dtype(ctx.dtype), running.link)
         pipe.vae_scale_factor = vae_scale_factor(ctx.model)  # no VAE here; diffusers would assume 8
@@ -532,7 +544,7 @@ def describe(parts: list[Part], running: Parts, window: float, micro_batches: in
     entries = []
     for part, process, times in zip(parts, running.processes, running.times, strict=True):
         entries.append({
-            "part": part.index, "device": part.device, "threads": part.threads, "pid": process.pid,
+            "part": part.index, "device": part.device, "threads": part.threads, "cpus": part.cpus, "pid": process.pid,
             "blocks": list(part.blocks), "parameters": part.parameters, "compute_share": part.share,
             "calls": times.get("calls", 0),
             "load_seconds": round(times.get("load_seconds", 0.0), 4),
