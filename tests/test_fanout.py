@@ -16,6 +16,7 @@ import pytest
 
 from stagediff.cli import main
 from stagediff.replica import cpu_shares, default_torch_threads, split
+from stagediff.stages.work import cpu_list
 from stagediff.tiny_model import TinySD15Config, build_tiny_model
 from tests.reference import read_image, reference_images
 
@@ -102,8 +103,7 @@ def test_two_replicas_over_five_prompts_equal_one_replica_in_order(
     assert len({r["pid"] for r in replicas}) == 2 and os.getpid() not in {r["pid"] for r in replicas}
     # each replica's stage processes saw its own device setting
     if seen == "torch_threads":  # no GPU: its share of the cores, with the thread count of a plain run
-        shares = [",".join(map(str, cpus)) if len(cpus) == 1 else f"{cpus[0]}-{cpus[-1]}" for cpus in cpu_shares(2)]
-        assert [r["seen"]["cpus"] for r in replicas] == shares
+        assert [r["seen"]["cpus"] for r in replicas] == [cpu_list(share) for share in cpu_shares(2)]
         assert [r["seen"]["torch_threads"] for r in replicas] == [default_torch_threads()] * 2
     else:
         assert [r["seen"]["CUDA_VISIBLE_DEVICES"] for r in replicas] == ["0", "1"]

@@ -116,13 +116,12 @@ def plan_parts(ctx: StageContext, settings: DenoiseSettings, threads: int) -> tu
     gpus = accelerator_count()
     from stagediff.replica import cpu_shares
 
-    cpus = [None] * n if gpus or not hasattr(os, "sched_setaffinity") else cpu_shares(n)
+    cpus = [None] * n if gpus else [tuple(share) for share in cpu_shares(n)]
     parts = []
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         parameters = sum(p.numel() for block in blocks[a:b] for p in block.parameters())
         parts.append(Part(k, tuple(names[a:b]), parameters, round(sum(costs[a:b]) / sum(costs), 4),
-                          f"cuda:{k % gpus}" if gpus else "cpu", threads,
-                          None if cpus[k] is None else tuple(cpus[k])))  # fmt: skip
+                          f"cuda:{k % gpus}" if gpus else "cpu", threads, cpus[k]))  # fmt: skip
     return parts, empty.config
 
 
@@ -255,7 +254,7 @@ def part_main(ctx: StageContext, parts: list[Part], k: int, rendezvous: str, con
     logging.getLogger().handlers.clear()  # the stage's log pipe belongs to the coordinator
     part, n = parts[k], len(parts)
     try:
-        if part.cpus is not None:
+        if part.cpus is not None and hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the OS places it
             os.sched_setaffinity(0, part.cpus)
         torch.set_num_threads(part.threads)
         cuda = part.device.startswith("cuda")

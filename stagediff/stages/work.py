@@ -71,12 +71,12 @@ def hold_devices(stage: str) -> list[int]:
     return held
 
 
-def cpu_list() -> str | None:
-    """The CPUs this process may run on, as "0-3,8" (None where the OS does not say)."""
-    if not hasattr(os, "sched_getaffinity"):
+def cpu_list(cpus: list[int] | None = None) -> str | None:
+    """`cpus` (default: those this process may run on) as "0-3,8" (None where the OS does not say)."""
+    if cpus is None and not hasattr(os, "sched_getaffinity"):
         return None
-    cpus, runs = sorted(os.sched_getaffinity(0)), []
-    for cpu in cpus:
+    runs: list[list[int]] = []
+    for cpu in sorted(os.sched_getaffinity(0) if cpus is None else cpus):
         if runs and cpu == runs[-1][1] + 1:
             runs[-1][1] = cpu
         else:
