@@ -122,6 +122,7 @@ def test_more_replicas_than_prompts_leave_the_extra_ones_idle(api, tiny_model: P
     ("option", "first_line"),
     [
         (["--replicas", "0"], "invalid replicas=0: must be an integer >= 1"),
+        (["--replicas", "2", "--threads", "0"], "invalid threads=0: must be an integer >= 1"),
         (["--device-groups", "0,,1"], "invalid device_groups='0,,1': must be device groups such as"),
         (["--device-groups", "0,1;1"], "invalid device_groups='0,1;1': a device may belong to one group only"),
         (["--replicas", "2", "--device-groups", "0;1"], "invalid replicas=2: give replicas or device_groups"),
