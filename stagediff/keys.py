@@ -5,8 +5,13 @@
     image      = H(latents key, VAE (+ SD 1.5's safety checker), tiled/sliced decoding, dtype)
 
 A model component's identity is a fingerprint of its config and weight files. Hashing weights is
-paid once per file: file hashes are cached by path, size and mtime (`$STAGEDIFF_CACHE/fingerprints.json`),
-and a Hugging Face cache file is named after its sha256 already. Torch-free: the flow computes keys.
+paid once per file: file hashes are cached in `$STAGEDIFF_CACHE/fingerprints.json` by real path, inode,
+size, mtime and ctime, and a Hugging Face cache file is named after its sha256 already. What the cache
+trusts: that a file whose inode, size, mtime and ctime are all unchanged has unchanged bytes. mtime alone
+is not enough (`touch -r` sets it back after a same-size rewrite); ctime changes on every write, chmod and
+touch and cannot be set by a user, and a file replaced by another (`os.replace`, `mv`) has another inode.
+It does not defend against a rewrite within the file system's ctime granularity of the hash being taken,
+nor against someone who sets the clock or writes the block device. Torch-free: the flow computes keys.
 """
 
 from __future__ import annotations
@@ -35,15 +40,24 @@ def digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def file_stamp(st: os.stat_result) -> list[int]:
+    """What a remembered hash is checked against: [inode, size, mtime_ns, ctime_ns] (`touch` cannot fake ctime)."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 class FileHashes:
-    """sha256 of files, remembered by (real path, size, mtime) so that weights are hashed once."""
+    """sha256 of files, remembered by real path and `file_stamp` so that weights are hashed once.
+
+    An entry is [inode, size, mtime_ns, ctime_ns, sha256]; an entry of any other shape (such as the older
+    [size, mtime_ns, sha256]) is unknown and the file is hashed again."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_dir() / "fingerprints.json"
         try:
-            self.known: dict[str, list] = json.loads(self.path.read_text())
+            known = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            self.known = {}
+            known = {}
+        self.known: dict[str, list] = known if isinstance(known, dict) else {}
         self.changed = False
 
     def sha256(self, file: Path) -> str:
@@ -51,12 +65,12 @@ class FileHashes:
         name = os.path.basename(real)
         if os.path.basename(os.path.dirname(real)) == "blobs" and len(name) == 64:
             return name  # Hugging Face cache: an LFS blob is named after its sha256
-        st = os.stat(real)
+        stamp = file_stamp(os.stat(real))  # taken before hashing: a write during the hash changes ctime
         seen = self.known.get(real)
-        if seen and seen[:2] == [st.st_size, st.st_mtime_ns]:
-            return seen[2]
+        if isinstance(seen, list) and len(seen) == 5 and seen[:4] == stamp and isinstance(seen[4], str):
+            return seen[4]
         sha = sha256_file(real)
-        self.known[real] = [st.st_size, st.st_mtime_ns, sha]
+        self.known[real] = [*stamp, sha]
         self.changed = True
         return sha
 
