@@ -49,20 +49,28 @@ clean:
 	rm -rf outputs .pytest_cache
 
 # Deployments (docs/deployments.md): `make server` in one terminal; `make deploy` and `make worker` in
-# others, with PREFECT_API_URL=http://127.0.0.1:4200/api exported.
+# others, with PREFECT_API_URL=http://127.0.0.1:4200/api exported (or the PORT given to `make server`).
 .PHONY: server deploy worker
 POOL ?= stagediff-process
 DEVICE ?= local
+PORT ?= 4200
+LIMIT ?= 1
+AUTOMATION := deploy/crash-zombie-flow-runs.json
 
-server: install  ## a local Prefect server (API and UI) on http://127.0.0.1:4200
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+server: install  ## a local Prefect server (API and UI) on http://127.0.0.1:$(PORT)
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PORT)
 
 deploy: install  ## the work pool, the device limit, the crashed-run automation and every deployment in prefect.yaml
 	$(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(VENV)/bin/prefect work-pool create $(POOL) --type process
 	$(VENV)/bin/prefect concurrency-limit create device:$(DEVICE) 1
-	$(VENV)/bin/prefect automation ls | grep -q "stagediff: mark flow runs without heartbeats" || \
-		$(VENV)/bin/prefect automation create --from-file deploy/crash-zombie-flow-runs.json
+	# The automation is created once: asked of the API by its exact name (exit 3: none yet; any other failure stops).
+	$(PY) -c 'import json, sys; from prefect.client.orchestration import get_client; \
+		client = get_client(sync_client=True).__enter__(); \
+		sys.exit(0 if client.read_automations_by_name(json.load(open("$(AUTOMATION)"))["name"]) else 3)'; \
+	status=$$?; if [ $$status -eq 3 ]; then $(VENV)/bin/prefect automation create --from-file $(AUTOMATION); \
+	else exit $$status; fi
 	PWD=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
 
-worker: install  ## a process worker that runs the deployments' flow runs (heartbeats every 30 s: see deploy/)
-	STAGEDIFF_DEVICE=$(DEVICE) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 $(VENV)/bin/prefect worker start --pool $(POOL) --type process
+worker: install  ## a process worker that runs at most LIMIT (1) flow runs at a time (heartbeats every 30 s: see deploy/)
+	STAGEDIFF_DEVICE=$(DEVICE) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 $(VENV)/bin/prefect worker start --pool $(POOL) \
+		--type process --limit $(LIMIT)
