@@ -333,20 +333,41 @@ class Store:
                 if pause:
                     time.sleep(pause)
 
-    # 4. Runs that use the store (gc keeps what their manifests reference)
+    # 4. Runs that use the store: each is a root of gc from before it reads or writes any artifact
 
-    def register_run(self, manifest_path: str | Path) -> None:
+    @contextlib.contextmanager
+    def gc_lock(self, exclusive: bool) -> Iterator[None]:
+        """Held shared while a run registers, exclusive while gc runs (local stores): a run registered after gc
+        read the roots waits for it, so gc never removes what a run it did not see is about to use."""
+        if not self.local:
+            yield
+            return
+        path = self.path("locks/gc.lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def register_run(self, manifest_path: str | Path, root: dict[str, Any] | None = None) -> None:
+        """Make a run a root: its summary's path, its record's, and `root`, what its items are made from (gc
+        derives the keys of a run that has not completed from it)."""
         path = str(Path(manifest_path).absolute())
         name = hashlib.sha256(path.encode()).hexdigest()[:32]
-        if self.read(f"runs/{name}.json") is None:
-            self.write(f"runs/{name}.json", json.dumps({"manifest": path, "registered": time.time()}).encode())
+        entry = {"manifest": path, "registered": time.time(), **({"root": root} if root else {})}
+        with self.gc_lock(exclusive=False):
+            self.write(f"runs/{name}.json", json.dumps(entry).encode())
 
-    def runs(self) -> dict[str, str]:
-        """Registered runs: store-relative name of the entry -> the run's manifest path."""
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """Registered runs: store-relative name of the entry -> the entry ({"manifest": path, "root": ...})."""
         found = {}
         for name in self.list("runs"):
             try:
-                found[name] = json.loads(self.read(name) or b"")["manifest"]
-            except (ValueError, KeyError, TypeError):
+                entry = json.loads(self.read(name) or b"")
+            except ValueError:
                 continue
+            if isinstance(entry, dict) and isinstance(entry.get("manifest"), str):
+                found[name] = entry
         return found

@@ -4,7 +4,9 @@ replica each (`stagediff.replica`), run concurrently and gathered into one run f
 On one machine each replica is a process of its own whose stage processes see only its device group
 (or, without GPUs, its share of the cores). With a work pool, each share is a flow run of the pool's
 `replica/<POOL>` deployment, on whichever worker takes it; the store is then a URL every worker
-reaches. Replicas return only store keys: the flow gathers the items by index. A failed replica
+reaches. A share is a range of the request's items, stored once in the store: each replica reads its
+range itself, and journals what it stores as small segment objects, which the flow gathers into the run's
+record by item index while the replicas run. A failed replica
 loses none of the others' results; the flow fails naming the failed shares, and a rerun computes
 only what the store lacks.
 """
@@ -18,14 +20,24 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.exceptions import TerminationSignal
+from prefect.futures import wait
 from prefect.runtime import flow_run
 
-from stagediff.artifacts import Store, write_manifest
-from stagediff.engine import Item, request_items
-from stagediff.flows.running import checked_request, heartbeats, refusals_are_final, run_name
-from stagediff.flows.ui import label_flow_run, model_tag
+from stagediff.artifacts import Store
+from stagediff.engine import build_engine
+from stagediff.flows.running import (
+    checked_request,
+    heartbeats,
+    refusals_are_final,
+    register_root,
+    run_name,
+    store_request,
+)
+from stagediff.flows.ui import label_flow_run, model_tag, run_artifacts
 from stagediff.isolation import StageError, run_isolated, warm_up
-from stagediff.replica import ReplicaJob, plan_replicas, replica_items, split
+from stagediff.progress import Progress
+from stagediff.replica import ReplicaJob, plan_replicas, split
 from stagediff.request import (
     ImageSettings,
     Output,
@@ -34,7 +46,10 @@ from stagediff.request import (
     RunOptions,
     new_run_id,
 )
-from stagediff.run_manifest import gather, open_manifest
+from stagediff.run_manifest import RunFolder, adopt_old_manifest, open_run, run_summary_base
+from stagediff.sources import Source
+
+GATHER_SECONDS = 1.0  # how often the replicas' journals are gathered while they run
 
 
 class ReplicaFailed(RuntimeError):
@@ -76,22 +91,45 @@ def pool_replica(job: ReplicaJob, pool: str, job_variables: dict[str, Any] | Non
 
 
 def run_replicas(
-    jobs: list[ReplicaJob], store: Store, run_dir: Path, pool: str | None, job_variables: dict[str, Any] | None
+    jobs: list[ReplicaJob],
+    store: Store,
+    folder: RunFolder,
+    progress: Progress | None,
+    pool: str | None,
+    job_variables: dict[str, Any] | None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """Run the replicas that have items, concurrently (as tasks of the calling flow run); return their results
-    (from the store), one manifest entry per replica, and the failed shares, named."""
+    """Run the replicas that have items, concurrently (as tasks of the calling flow run), gathering their journals
+    into `folder` as they go; return their results (from the store), one entry per replica, and the failed
+    shares, named."""
     started = time.time()
     futures = {
         job.replica: (pool_replica.submit(job, pool, job_variables) if pool else local_replica.submit(job))
         for job in jobs
-        if job.items
+        if job.count
     }
+    cursors = dict.fromkeys(futures, 0)
+
+    def gather() -> None:
+        """Every journal segment written since the last call, in order, into the folder (then removed)."""
+        for job in jobs:
+            if not job.count:
+                continue
+            while (data := store.read(name := f"{job.journal}/{cursors[job.replica]:08d}.json")) is not None:
+                images = folder.replay(json.loads(data))
+                if progress is not None and images:
+                    progress.reused(images)
+                store.remove(name)
+                cursors[job.replica] += 1
+
+    pending = list(futures.values())
+    while pending:
+        pending = list(wait(pending, timeout=GATHER_SECONDS).not_done)
+        gather()
     results, entries, failed = [], [], []
     for job in jobs:
         entry = {"replica": job.replica, "devices": job.devices, "cpus": job.cpus, "threads": job.threads,
-                 "items": [i.index for i in job.items], "status": "idle"}  # fmt: skip
-        if job.items:
-            futures[job.replica].wait()
+                 "items": [job.start, job.stop], "status": "idle"}  # fmt: skip
+        if job.count:
             state = futures[job.replica].state
             entry["seconds"] = round(time.time() - started, 3)
             if state.is_completed():
@@ -102,7 +140,7 @@ def run_replicas(
                              seconds=result.get("seconds", entry["seconds"]))  # fmt: skip
                 results.append(result)
             else:
-                share = f"replica {job.replica} (items {job.items[0].index}-{job.items[-1].index})"
+                share = f"replica {job.replica} (items {job.start}-{job.stop - 1})"
                 entry.update(status="failed", error=str(state.message))
                 failed.append(share)
         entries.append(entry)
@@ -110,25 +148,27 @@ def run_replicas(
 
 
 def failure(failed: list[str], jobs: list[ReplicaJob]) -> str:
-    busy = sum(bool(job.items) for job in jobs)
-    return (f"{len(failed)} of {busy} replicas failed: {', '.join(failed)}; the others' items are in the store, "
-            "a rerun computes only what is missing")  # fmt: skip
+    busy = sum(bool(job.count) for job in jobs)
+    kept = "the others' items are in the store" if len(failed) < busy else "what they stored is in the store"
+    shares = ", ".join(failed)
+    return f"{len(failed)} of {busy} replicas failed: {shares}; {kept}, a rerun computes only what is missing"
 
 
 def share_jobs(
-    items: list[Item], groups: list[dict[str, Any]], model: str, placement: Placement, options: RunOptions,
-    store: str, store_options: dict[str, Any] | None, work_dir: Path | None, result_prefix: str,
+    count: int, groups: list[dict[str, Any]], model: str, source: Source, placement: Placement, options: RunOptions,
+    store: str, store_options: dict[str, Any] | None, work_dir: Path | None, result_prefix: str, **item_fields: Any,
 ) -> list[ReplicaJob]:  # fmt: skip
-    """One job per replica: its contiguous share of `items` (the first shares one longer), devices, CPUs, threads."""
-    shares = split(len(items), len(groups))
+    """One job per replica: its contiguous range of the `count` items of `source` (the first ranges one longer),
+    devices, CPUs, threads; `item_fields`: how items are made (kind, seed, negative_prompts, settings)."""
     return [
         ReplicaJob(
-            replica=r, model=model, items=replica_items(items, shares[r]), placement=placement, options=options,
-            store=store, store_options=store_options, devices=group["devices"], cpus=group["cpus"],
+            replica=r, model=model, source=source, start=share.start, stop=share.stop, placement=placement,
+            options=options, store=store, store_options=store_options, devices=group["devices"], cpus=group["cpus"],
             threads=group["threads"],
             work_dir=None if work_dir is None else str(work_dir / str(r)), result=f"{result_prefix}/{r}.json",
+            **item_fields,
         )
-        for r, group in enumerate(groups)
+        for r, (group, share) in enumerate(zip(groups, split(count, len(groups)), strict=True))
     ]  # fmt: skip
 
 
@@ -150,7 +190,7 @@ def fanout(
     """Generate one image per prompt with data-parallel replicas, each over a contiguous share of the prompts.
 
     Args:
-        prompts: The prompts, their negative prompts and the base seed (prompt i: seed + i), as for generate.
+        prompts: The prompts or a prompts file, their negative prompts and the base seed (prompt i: seed + i).
         settings: As for generate; empty fields take the model's pipeline defaults.
         model: Diffusers pipeline folder or Hub id; empty means the embedded tiny random model.
         placement: As for generate (per replica: each holds a whole model copy).
@@ -169,40 +209,51 @@ def fanout(
     # 1. Check inputs (before any model is built or loaded, and before anything is written; never retried)
     with refusals_are_final():
         groups = plan_replicas(replicas, device_groups, pool, output.store, threads)
-        request, store_location = checked_request(prompts, settings, model, placement, output)
+        request, store_location = checked_request(prompts, settings, model, placement, output, storage_options)
         run_dir = request.run_dir
-        manifest = open_manifest(request)
+        previous = open_run(request)
     if not pool:
         warm_up(request.model)  # local replicas fork from it: torch and the model's classes imported once
     label_flow_run(None if output.run_id else f"fanout {request.run_id}", model_tag(model))
 
     with heartbeats():
-        # 2. The shares: contiguous, the first ones one item longer when uneven
-        items = request_items(request)
-        resolved = items[0].settings
+        # 2. The request stored once; the run a root of the store's gc; the shares: ranges of its items
         store = Store(store_location, storage_options)
+        source = store_request(request, store)
+        engine = build_engine(
+            request.model, request.placement, store_location, str(run_dir), options, storage_options
+        )  # fmt: skip (computes no key: the keys of the gc root)
+        register_root(store, run_dir / "manifest.json", engine, source, request=request)
+        adopt_old_manifest(run_dir, previous)
         jobs = share_jobs(
-            items, groups, request.model, request.placement, options, store_location, storage_options,
-            None if pool else run_dir / "replicas", f"fanout/{request.run_id}-{flow_run.id or new_run_id()}",
+            request.count, groups, request.model, source, request.placement, options, store_location,
+            storage_options, None if pool else run_dir / "replicas",
+            f"fanout/{request.run_id}-{flow_run.id or new_run_id()}", kind="generate", seed=request.seed,
+            negative_prompts=request.negative_prompts, settings=request.settings,
         )  # fmt: skip
-        manifest.update(settings=resolved.__dict__, store=store_location, status="running", stages={},
-                        flow_run_id=str(flow_run.id) if flow_run.id else None, replicas=[])  # fmt: skip
-        write_manifest(run_dir, manifest)
-        store.register_run(run_dir / "manifest.json")
-        logger.info("run %s: %d prompts over %d replicas %s", request.run_id, len(items), len(jobs),
-                    [len(job.items) for job in jobs])  # fmt: skip
+        folder = RunFolder(run_dir, "run", "manifest.json", run_summary_base(request, source, store_location, engine))
+        folder.summary_base["flow_run_id"] = str(flow_run.id) if flow_run.id else None
+        folder.extra["replicas"] = []
+        folder.start(None, store, request.count, flow_run_id=folder.summary_base["flow_run_id"])
+        logger.info("run %s: %d prompts over %d replicas %s", request.run_id, request.count, len(jobs),
+                    [job.count for job in jobs])  # fmt: skip
 
-        # 3. The replicas, concurrently; a failed one loses none of the others' results
-        results, manifest["replicas"], failed = run_replicas(jobs, store, run_dir, pool, job_variables)
-
-        # 4. Gather by item index, in request order
-        gather(manifest, run_dir, store, results)
-        manifest["stages"] = {r["replica"]: r["stages"] for r in results}
+        # 3. The replicas, concurrently, gathered by item index as they go; a failed one loses none of the others'
+        progress = Progress(request.count)
+        progress.start()
+        try:
+            results, folder.extra["replicas"], failed = run_replicas(jobs, store, folder, progress, pool, job_variables)
+        except BaseException as exc:
+            cancelled = isinstance(exc, TerminationSignal | KeyboardInterrupt)
+            folder.finish("cancelled" if cancelled else "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        progress.finish()
+        folder.extra["replica_stages"] = {r["replica"]: r["stages"] for r in results}
         if failed:
-            manifest.update(status="failed", error=f"failed shares: {', '.join(failed)}")
-            write_manifest(run_dir, manifest)
+            folder.finish("failed", f"failed shares: {', '.join(failed)}")
             raise ReplicaFailed(failure(failed, jobs))
-        manifest["status"] = "completed"
-        write_manifest(run_dir, manifest)
-        logger.info("run %s completed: %d images in %s", request.run_id, len(items), run_dir / "images")
-        return manifest
+        summary = folder.finish("completed")
+        run_artifacts(folder, "fanout", f"Run {request.run_id}")
+        folder.close()
+        logger.info("run %s completed: %d images in %s", request.run_id, request.count, run_dir / "images")
+        return summary

@@ -11,10 +11,18 @@ from prefect import flow, get_run_logger
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
-from stagediff.artifacts import Store, write_manifest
+from stagediff.artifacts import Store
 from stagediff.engine import request_items
-from stagediff.flows.running import checked_request, heartbeats, refusals_are_final, run_name, start_engine
-from stagediff.flows.ui import caption, gallery, items_table
+from stagediff.flows.running import (
+    checked_request,
+    heartbeats,
+    refusals_are_final,
+    register_root,
+    run_name,
+    start_engine,
+    store_request,
+)
+from stagediff.flows.ui import run_artifacts
 from stagediff.progress import Progress
 from stagediff.request import (
     ImageSettings,
@@ -23,7 +31,7 @@ from stagediff.request import (
     Prompts,
     RunOptions,
 )
-from stagediff.run_manifest import open_manifest, plan, record
+from stagediff.run_manifest import RunFolder, adopt_old_manifest, open_run, run_summary_base
 
 
 @flow(name="generate", flow_run_name=run_name, log_prints=True)
@@ -34,11 +42,13 @@ def generate(
     placement: Placement = Placement(),  # noqa: B008
     output: Output = Output(),  # noqa: B008
     options: RunOptions = RunOptions(),  # noqa: B008
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate one image per prompt through three process-isolated stages.
 
     Args:
-        prompts: The prompts (one image each), their negative prompts and the base seed (prompt i: seed + i).
+        prompts: The prompts (one image each) or a prompts file, their negative prompts and the base seed
+            (prompt i: seed + i).
         settings: Steps, guidance, size, sequence length, true CFG, SDXL micro-conditioning; empty fields take
             the model family's pipeline defaults.
         model: Diffusers pipeline folder or Hub id (FLUX.1, SD3, SDXL or SD 1.5); empty means the embedded tiny
@@ -46,16 +56,17 @@ def generate(
         placement: dtype, batch size, memory per device, offload folder, VAE tiling and slicing.
         output: Output root, run id (the run writes under OUT/RUN_ID/) and artifact store (empty: OUT/.store).
         options: Strict (stop at a damaged artifact), retries of a failed stage, chunk size (empty: automatic).
+        storage_options: fsspec options of a URL store, e.g. {"endpoint_url": "http://127.0.0.1:9000"}.
     """
     logger = get_run_logger()
     # 1. Check inputs (before any model is built or loaded, and before anything is written; never retried)
     with refusals_are_final():
-        request, store_location = checked_request(prompts, settings, model, placement, output)
+        request, store_location = checked_request(prompts, settings, model, placement, output, storage_options)
         run_dir = request.run_dir
-        manifest = open_manifest(request)
+        previous = open_run(request)
 
     with heartbeats():
-        # 2. The engine; every artifact named by its content key (the store may hold some already)
+        # 2. The engine, the prompts stored once, the run a root of the store's gc before it touches an artifact
         engine = start_engine(
             request.model,
             model,
@@ -64,46 +75,34 @@ def generate(
             str(run_dir),
             options,
             name=None if output.run_id else f"generate {request.run_id}",  # else named so at its creation
+            store_options=storage_options,
         )
-        items = request_items(request)
-        resolved = items[0].settings
-        keys = {item.index: engine.keys(item) for item in items}
+        store = Store(store_location, storage_options)
+        source = store_request(request, store)
+        register_root(store, run_dir / "manifest.json", engine, source, request=request)
         if options.strict:
-            engine.verify(items, keys)  # a damaged artifact stops the run here, before its record is touched
-        store = Store(store_location)
-        plan(manifest, keys, store, resolved, engine)
-        manifest.update(status="running", flow_run_id=str(flow_run.id) if flow_run.id else None)
-        write_manifest(run_dir, manifest)
-        store.register_run(run_dir / "manifest.json")
-        logger.info("run %s: %d prompts -> %s (store %s)", request.run_id, len(items), run_dir, store_location)
+            engine.verify(request_items(request, source, store))  # before the run's record is touched
+        adopt_old_manifest(run_dir, previous)
+        folder = RunFolder(run_dir, "run", "manifest.json", run_summary_base(request, source, store_location, engine))
+        folder.summary_base["flow_run_id"] = str(flow_run.id) if flow_run.id else None
+        folder.start(engine, store, request.count, flow_run_id=folder.summary_base["flow_run_id"])
+        logger.info("run %s: %d prompts -> %s (store %s)", request.run_id, request.count, run_dir, store_location)
 
-        # 3. encode -> denoise -> decode, persisting each stage's record as soon as it is done
-        progress = Progress(len(items))
+        # 3. encode -> denoise -> decode, chunk by chunk as the items are read, each stage's record kept at once
+        progress = Progress(request.count)
         progress.start()
         try:
-            engine.run(items, keys, lambda stage, refs: record(manifest, run_dir, store, engine, stage, refs), progress)
+            engine.run(request_items(request, source, store), progress=progress, **folder.hooks())
         except BaseException as exc:
             # what every stage did, an interrupted one included; cancelled (Prefect's SIGTERM, Ctrl-C) or failed
             cancelled = isinstance(exc, TerminationSignal | KeyboardInterrupt)
-            manifest["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
-            manifest.update(status="cancelled" if cancelled else "failed", error=f"{type(exc).__name__}: {exc}")
-            write_manifest(run_dir, manifest)
+            folder.finish("cancelled" if cancelled else "failed", f"{type(exc).__name__}: {exc}")
             raise
         progress.finish()
-        manifest["status"] = "completed"
-        manifest.pop("error", None)
-        write_manifest(run_dir, manifest)
+        summary = folder.finish("completed")
 
-        # 4. What the UI shows: the items and the first images
-        computed = set(manifest["stages"]["decode"]["computed"])
-        rows = [
-            {"index": e["index"], "prompt": e["prompt"], "seed": e["seed"], "steps": resolved.steps,
-             "size": f"{resolved.width}x{resolved.height}", "made": "computed" if e["index"] in computed else "reused",
-             "image": str((run_dir / e["image"]).resolve())}
-            for e in manifest["items"]
-        ]  # fmt: skip
-        items_table(rows, key="generate-items", what=str(run_dir / "manifest.json"))
-        images = [(run_dir / e["image"], caption(e["prompt"], e["seed"])) for e in manifest["items"]]
-        gallery(images, key="generate-gallery", title=f"Run {request.run_id}: {len(items)} images", where=str(run_dir))
-        logger.info("run %s completed: %d images in %s", request.run_id, len(items), run_dir / "images")
-        return manifest
+        # 4. What the UI shows: the first and latest items, the first images
+        run_artifacts(folder, "generate", f"Run {request.run_id}")
+        folder.close()
+        logger.info("run %s completed: %d images in %s", request.run_id, request.count, run_dir / "images")
+        return summary

@@ -9,12 +9,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import prefect
 from prefect import get_client, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
+from stagediff.artifacts import Store
 from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.engine import Engine, build_engine
 from stagediff.flows.ui import label_flow_run, model_tag, stage_tags
@@ -25,11 +27,13 @@ from stagediff.request import (
     Output,
     Placement,
     Prompts,
+    RequestError,
     RunOptions,
     check_store,
     new_run_id,
     validate_request,
 )
+from stagediff.sources import Source, store_inline, store_prompts_file
 
 
 def start_engine(
@@ -40,28 +44,76 @@ def start_engine(
     work_dir: str,
     options: RunOptions,
     name: str | None = None,
+    store_options: dict[str, Any] | None = None,
 ) -> Engine:
     """The engine of a flow run over `model` (`model_arg`: what the user named, None for the default model);
     `name`: a new name for the flow run (when its first one could not know its run id)."""
     warm_up(model)  # the stage forkserver imports torch and the model's classes while the run is planned
     label_flow_run(name, model_tag(model_arg))
     return build_engine(
-        model, placement, store, work_dir, options, tags=stage_tags(model_arg), logger=get_run_logger()
+        model, placement, store, work_dir, options, store_options, tags=stage_tags(model_arg), logger=get_run_logger()
     )  # stage tasks carry only the tags a concurrency limit exists for
 
 
 def checked_request(
-    prompts: Prompts, settings: ImageSettings, model: str | None, placement: Placement, output: Output
+    prompts: Prompts,
+    settings: ImageSettings,
+    model: str | None,
+    placement: Placement,
+    output: Output,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[GenerateRequest, str]:
     """A generate-style flow's request and store, checked before any model is built or loaded and before
     anything is written (the embedded default model is built only once the rest has passed)."""
     fields = dict(
-        prompts=prompts.texts(), negative_prompts=prompts.negative_prompts, seed=prompts.seed,
+        **prompts.source(), negative_prompts=prompts.negative_prompts, seed=prompts.seed,
         settings=settings, placement=placement, out=output.out, run_id=output.run_id or new_run_id(),
     )  # fmt: skip
     validate_request(**fields, model=model or str(default_model_dir()), check_model=model is not None)
-    store = check_store(output.store, output.out)
+    store = check_store(output.store, output.out, storage_options)
     return validate_request(**fields, model=model or str(ensure_default_model())), store
+
+
+def store_request(request: GenerateRequest, store: Store) -> Source:
+    """The request's prompts stored once in the store (a prompts file checked again as it is copied: it must
+    still be the file the request was checked against)."""
+    if request.prompts is not None:
+        return store_inline(store, request.prompts)
+    source = store_prompts_file(store, request.prompts_file.path)
+    if source.sha256 != request.prompts_file.sha256:
+        allowed = "changed while the run was starting: run the command again"
+        raise RequestError("prompts_file", request.prompts_file.path, allowed)
+    return source
+
+
+def register_root(
+    store: Store,
+    summary: Path,
+    engine: Engine,
+    source: Source,
+    request: GenerateRequest | None = None,
+    batch: dict[str, Any] | None = None,
+) -> None:
+    """Make the run a root of the store's gc before it reads or writes any artifact: what its items are made of
+    (the stored prompts, the request or the batch's settings, the key inputs), so gc keeps what it will use."""
+    from stagediff.run_manifest import request_fields
+
+    root = {
+        "kind": "batch" if batch is not None else "generate",
+        "model": engine.ctx.model,
+        "variant": engine.ctx.variant,
+        "dtype": engine.ctx.dtype,
+        "tiled_decode": engine.tiled_decode,
+        "sliced_decode": engine.sliced_decode,
+        "metadata": engine.metadata,
+        "source": source.model_dump(),
+        "record": str((summary.parent / ("batch.db" if batch is not None else "record.db")).absolute()),
+    }
+    if request is not None:
+        root["request"] = request_fields(request)
+    if batch is not None:
+        root["batch"] = batch
+    store.register_run(summary, root)
 
 
 def run_name() -> str:

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 
 from stagediff.default_model import DEFAULT_MODEL_NAME
 
-TABLE_ROWS = 500  # the table artifact lists at most this many items; batch.json lists them all
+TABLE_ROWS = 50  # the table artifact lists the first and the latest items, this many of each at most
 GALLERY_IMAGES = 8
 THUMBNAIL_PIXELS = 128
 
@@ -66,11 +66,36 @@ def label_flow_run(name: str | None, *tags: str) -> None:
         client.update_flow_run(flow_run.id, name=name, tags=sorted({*flow_run.tags, *tags}))
 
 
-def items_table(rows: list[dict[str, Any]], key: str, what: str) -> str:
-    """Table artifact `key`: one row per item (the first TABLE_ROWS); `what` names the full record."""
-    shown = rows[:TABLE_ROWS]
-    count = f"first {len(shown)} of {len(rows)}" if len(rows) > len(shown) else f"all {len(shown)}"
-    return str(create_table_artifact(shown, key=key, description=f"Items ({count}); see {what}"))
+def items_table(first: list[dict[str, Any]], latest: list[dict[str, Any]], total: int, key: str, what: str) -> str:
+    """Table artifact `key`: the first and the latest items (TABLE_ROWS of each at most), a row saying how many
+    are not shown, and where the full list is (`what`)."""
+    shown = first[:TABLE_ROWS]
+    seen = {row["id"] for row in shown}
+    recent = [row for row in latest[:TABLE_ROWS] if row["id"] not in seen]
+    rest = total - len(shown) - len(recent)
+    rows = shown + ([{"id": f"... {rest} more ..."}] if rest > 0 else []) + recent
+    described = f"first {len(shown)} and latest {len(recent)} of {total}" if rest > 0 else f"all {total}"
+    return str(create_table_artifact(rows, key=key, description=f"Items ({described}); every item: {what}"))
+
+
+def run_artifacts(folder: Any, key: str, title: str) -> None:
+    """A finished run's item table and gallery (`folder`: a `run_manifest.RunFolder`)."""
+    record, where = folder.record, folder.folder.resolve()
+
+    def row(e: dict[str, Any]) -> dict[str, Any]:
+        s = e["settings"]
+        return {"index": e["index"], "id": e["id"], "status": e["status"], "prompt": e["prompt"], "seed": e["seed"],
+                "steps": s.get("steps"), "size": f"{s.get('width')}x{s.get('height')}",
+                "made": e["made"]["images"] if e["run"] == record.run else "done before",
+                "image": str(where / e["image"])}  # fmt: skip
+
+    counts = record.counts()
+    total = counts["items"] + counts["removed"]
+    first, latest = [row(e) for e in record.first(TABLE_ROWS)], [row(e) for e in record.latest(TABLE_ROWS)]
+    items_table(first, latest, total, key=f"{key}-items", what=str(where / "items.jsonl"))
+    done = [e for e in record.first(GALLERY_IMAGES * 4) if e["status"] == "done"]
+    images = [(where / e["image"], caption(e["prompt"], e["seed"])) for e in done]
+    gallery(images, key=f"{key}-gallery", title=f"{title}: {counts['done']} images", where=str(where))
 
 
 def _thumbnail(path: Path) -> str:

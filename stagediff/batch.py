@@ -1,40 +1,50 @@
-"""Batch generation over a prompts file, without Prefect or torch: read and check every line, name
-each item, and keep the batch manifest (`STORE/batch.json`) that says which items are done.
+"""Batch generation over a prompts file, without Prefect or torch: check every line in one streaming pass,
+then make the items chunk by chunk from the file's stored copy (`stagediff.sources`).
 
 A prompts file is `.txt` (one prompt a line), `.jsonl` (one JSON object a line) or `.csv` (a header
 row, then one item a row) with the columns in COLUMNS; only `prompt` is required. Blank lines are
 skipped. An item without `seed` gets `seed + position` (its 0-based place among the file's items,
 as prompt i of a `generate` run gets `seed + i`); one without `id` is named
 `{position:05d}-{first 8 hex of the sha256 of its line's content}`, so appending lines never renames
-or recomputes the items above them.
+or recomputes the items above them. The batch's record (which items are done) is `stagediff.record`'s.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import functools
 import hashlib
 import io
 import json
 import logging
-import os
-import time
+import re
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import ValidationError
 
-import stagediff
-from stagediff.artifacts import ArtifactError, atomic_write_bytes, verify_file
-from stagediff.request import MAX_SEED, ImageSettings, RequestError, one_line, read_text_file, validate_request
+from stagediff.request import (
+    ALLOWED,
+    MAX_SEED,
+    RUN_ID_PATTERN,
+    ImageSettings,
+    RequestError,
+    one_line,
+    validate_request,
+)
+from stagediff.sources import open_file, text_lines
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance", "height", "width")
 SETTINGS = ("steps", "guidance", "height", "width")  # ImageSettings fields a row may set for itself
 FORMATS = (".txt", ".jsonl", ".csv")
-MANIFEST_NAME = "batch.json"
+MAX_PROBLEMS = 100  # a file's first bad cells, listed; the rest are counted
+_ID = re.compile(RUN_ID_PATTERN)
+_AUTO_ID = re.compile(r"^(\d{5,})-[0-9a-f]{8}$")
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ class BatchItem:
     def settings(self, defaults: ImageSettings) -> ImageSettings:
         """The run's settings with this row's own on top."""
         own = {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
-        return defaults.model_copy(update=own)
+        return defaults.model_copy(update=own) if own else defaults
 
     @property
     def image(self) -> str:
@@ -81,73 +91,78 @@ class LineProblem:
 
 
 class BatchFileError(ValueError):
-    """Bad lines in a prompts file: one line of the message per bad cell, every one of them at once."""
+    """Bad lines in a prompts file: one line of the message per bad cell (the first MAX_PROBLEMS of them)."""
 
-    def __init__(self, path: str | Path, problems: list[LineProblem]) -> None:
+    def __init__(self, path: str | Path, problems: list[LineProblem], more: int = 0) -> None:
         lines = "\n".join(f"  {problem}" for problem in problems)
-        super().__init__(f"{len(problems)} problem(s) in prompts file {path}; nothing was computed:\n{lines}")
+        rest = f"\n  ... and {more} more" if more else ""
+        total = len(problems) + more
+        super().__init__(f"{total} problem(s) in prompts file {path}; nothing was computed:\n{lines}{rest}")
         self.path, self.problems = str(path), problems
 
 
-# 1. Reading: (line number, {column: raw value}) rows, and the lines that cannot be read at all
+# 1. Reading: (line number, {column: raw value}) rows, or a LineProblem for a line that is not a row at all
+
+Row = tuple[int, "dict[str, Any] | LineProblem"]
 
 
-def read_rows(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[LineProblem]]:
-    """The file's rows with their line numbers, and problems with lines that are not rows at all."""
-    path = Path(path)
-    allowed = f"must be an existing UTF-8 {', '.join(FORMATS)} file"
-    if path.suffix.lower() not in FORMATS:
-        raise RequestError("prompts_file", str(path), f"{allowed} (the extension picks the format)")
-    text = read_text_file("prompts_file", path, f"UTF-8 {', '.join(FORMATS)} file")
-    reader = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[path.suffix.lower()]
-    rows, problems = reader(text)
-    if not rows and not problems:
-        raise RequestError("prompts_file", str(path), "is empty: it must hold at least one prompt")
-    return rows, problems
+def file_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        allowed = f"must be an existing UTF-8 {', '.join(FORMATS)} file (the extension picks the format)"
+        raise RequestError("prompts_file", str(path), allowed)
+    return suffix[1:]
 
 
-def _txt_rows(text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[LineProblem]]:
-    rows = [(n, {"prompt": line.strip()}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    return rows, []
+def iter_rows(stream: IO[bytes], fmt: str, path: str | Path) -> Iterator[Row]:
+    """The rows of a prompts file (a binary stream), in order, one at a time."""
+    if fmt == "txt":
+        for n, text in text_lines(stream, "prompts_file", path):
+            if text.strip():
+                yield n, {"prompt": text.strip()}
+    elif fmt == "jsonl":
+        for n, text in text_lines(stream, "prompts_file", path):
+            if not text.strip():
+                continue
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError:
+                fields = None
+            if isinstance(fields, dict):
+                yield n, fields
+            else:
+                yield n, LineProblem(n, "(line)", text, 'must be one JSON object, e.g. {"prompt": "a red fox"}')
+    else:
+        yield from _csv_rows(stream, path)
 
 
-def _jsonl_rows(text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[LineProblem]]:
-    rows, problems = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            fields = json.loads(line)
-        except json.JSONDecodeError:
-            fields = None
-        if isinstance(fields, dict):
-            rows.append((n, fields))
-        else:
-            problems.append(LineProblem(n, "(line)", line, 'must be one JSON object, e.g. {"prompt": "a red fox"}'))
-    return rows, problems
+def _csv_rows(stream: IO[bytes], path: str | Path) -> Iterator[Row]:
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")  # "\n", "\r\n" and quoted line breaks
+    reader = csv.DictReader(text)
+    try:
+        header = reader.fieldnames or []
+        problems = [LineProblem(1, "(header)", name, f"is not a column; columns: {', '.join(COLUMNS)}")
+                    for name in header if name not in COLUMNS]  # fmt: skip
+        if "prompt" not in header:
+            problems.append(LineProblem(1, "(header)", ",".join(header), "must name a 'prompt' column (a header row)"))
+        if problems:
+            yield from ((1, problem) for problem in problems)
+            return
+        start = reader.line_num + 1  # a row may span several lines (quoted newlines): report its first
+        for fields in reader:
+            if None in fields:  # more cells than header columns
+                yield start, LineProblem(start, "(row)", fields.pop(None), "has more cells than the header row")
+            # An empty cell means "not given"; so does a cell missing at the end of a short row.
+            yield start, {k: v for k, v in fields.items() if v not in ("", None)}
+            start = reader.line_num + 1
+    except UnicodeDecodeError as exc:
+        allowed = f"must be UTF-8 text; the row after line {reader.line_num} is not (byte {exc.start})"
+        raise RequestError("prompts_file", str(path), allowed) from None
+    finally:
+        text.detach()  # the caller closes the stream
 
 
-def _csv_rows(text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[LineProblem]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    problems = [LineProblem(1, "(header)", name, f"is not a column; columns: {', '.join(COLUMNS)}")
-                for name in header if name not in COLUMNS]  # fmt: skip
-    if "prompt" not in header:
-        problems.append(LineProblem(1, "(header)", ",".join(header), "must name a 'prompt' column (a header row)"))
-    if problems:
-        return [], problems
-    rows = []
-    start = reader.line_num + 1  # a row may span several lines (quoted newlines): report its first
-    for fields in reader:
-        if None in fields:  # more cells than header columns
-            problems.append(LineProblem(start, "(row)", fields.pop(None), "has more cells than the header row"))
-        # An empty cell means "not given"; so does a cell missing at the end of a short row.
-        rows.append((start, {k: v for k, v in fields.items() if v not in ("", None)}))
-        start = reader.line_num + 1
-    return rows, problems
-
-
-# 2. Checking: every cell by the rules of a `generate` request, every problem collected
+# 2. Checking: every cell by the rules of a `generate` request
 
 
 def _check_text(column: str, value: Any, required: bool) -> str | None:
@@ -158,8 +173,12 @@ def _check_text(column: str, value: Any, required: bool) -> str | None:
     return value
 
 
-def _check_setting(column: str, value: Any) -> Any:
-    """One item setting, checked by the same rules (the same models) as a `generate` request; the parsed value."""
+@functools.lru_cache(maxsize=4096)
+def _check_setting_cached(column: str, kind: type, value: Any) -> Any:
+    return _check_setting_slow(column, value)
+
+
+def _check_setting_slow(column: str, value: Any) -> Any:
     if column == "id":  # an item id is a plain name, like a run id
         return validate_request(check_model=False, prompts=["-"], model="-", run_id=value).run_id
     if isinstance(value, bool):
@@ -172,103 +191,183 @@ def _check_setting(column: str, value: Any) -> Any:
         raise one_line(exc) from None
 
 
+def _check_setting(column: str, value: Any) -> Any:
+    """One item setting, checked by the same rules (the same models) as a `generate` request; the parsed value.
+    Ids and seeds (one per line) take a direct path with the same rules; settings repeat, so they are cached."""
+    if column == "id" and isinstance(value, str):
+        if not _ID.fullmatch(value) or value in {".", ".."}:
+            raise RequestError("run_id", value, ALLOWED["run_id"])
+        return value
+    if column == "seed" and (type(value) is int or (isinstance(value, str) and value.isascii() and value.isdigit())):
+        seed = int(value)
+        if not 0 <= seed <= MAX_SEED - 1:
+            raise RequestError("seed", value, f"must be an integer from 0 to {MAX_SEED - 1}")
+        return seed
+    try:
+        hash(value)
+    except TypeError:
+        return _check_setting_slow(column, value)
+    return _check_setting_cached(column, type(value), value)
+
+
 def auto_id(position: int, given: dict[str, Any]) -> str:
     content = json.dumps(given, sort_keys=True, ensure_ascii=False)
     return f"{position:05d}-{hashlib.sha256(content.encode()).hexdigest()[:8]}"
 
 
-def check_rows(rows: list[tuple[int, dict[str, Any]]], seed: int) -> tuple[list[BatchItem], list[LineProblem]]:
-    """Items from rows; an item's missing seed is `seed + position`, its missing settings are None (the run's)."""
-    items, problems, first_line_of_id = [], [], {}
-    for position, (line, fields) in enumerate(rows):
-        given: dict[str, Any] = {}
-        bad = [LineProblem(line, key, value, f"is not a column; columns: {', '.join(COLUMNS)}")
-               for key, value in fields.items() if key not in COLUMNS]  # fmt: skip
-        for column in COLUMNS:
-            if column not in fields:
-                continue
-            try:
-                if column in ("prompt", "negative_prompt"):
-                    given[column] = _check_text(column, fields[column], required=column == "prompt")
-                else:
-                    given[column] = _check_setting(column, fields[column])
-            except RequestError as exc:
-                bad.append(LineProblem(line, column, fields[column], exc.allowed))
-        if "prompt" not in fields:
-            bad.append(LineProblem(line, "prompt", None, "is required: the text to generate an image for"))
-        item_id = given.get("id") or auto_id(position, given)
-        if item_id in first_line_of_id:
-            bad.append(LineProblem(line, "id", item_id, f"must be unique; line {first_line_of_id[item_id]} has it"))
-        first_line_of_id.setdefault(item_id, line)
-        problems.extend(bad)
-        if bad:
+def row_problems(line: int, fields: dict[str, Any]) -> list[LineProblem]:
+    """What is wrong with a row (nothing for a good one); the check pass's fast path for prompt-only rows."""
+    if len(fields) == 1 and isinstance(fields.get("prompt"), str):
+        prompt = fields["prompt"]
+        if prompt.strip() and "\x00" not in prompt:
+            return []
+    bad = [LineProblem(line, key, value, f"is not a column; columns: {', '.join(COLUMNS)}")
+           for key, value in fields.items() if key not in COLUMNS]  # fmt: skip
+    for column in COLUMNS:
+        if column not in fields:
             continue
-        settings = {name: given.get(name) for name in SETTINGS}
-        item_seed = given.get("seed", seed + position)
-        items.append(BatchItem(item_id, line, position, given["prompt"], given.get("negative_prompt"), item_seed,
-                               **settings))  # fmt: skip
-    return items, problems
+        try:
+            if column in ("prompt", "negative_prompt"):
+                _check_text(column, fields[column], required=column == "prompt")
+            else:
+                _check_setting(column, fields[column])
+        except RequestError as exc:
+            bad.append(LineProblem(line, column, fields[column], exc.allowed))
+    if "prompt" not in fields:
+        bad.append(LineProblem(line, "prompt", None, "is required: the text to generate an image for"))
+    return bad
+
+
+def check_row(position: int, line: int, fields: dict[str, Any], seed: int) -> BatchItem | list[LineProblem]:
+    """An item from a row; its missing seed is `seed + position`, its missing settings are None (the run's)."""
+    bad = row_problems(line, fields)
+    if bad:
+        return bad
+    text = ("prompt", "negative_prompt")
+    given = {column: fields[column] if column in text else _check_setting(column, fields[column])
+             for column in COLUMNS if column in fields}  # fmt: skip
+    settings = {name: given.get(name) for name in SETTINGS}
+    return BatchItem(given.get("id") or auto_id(position, given), line, position, given["prompt"],
+                     given.get("negative_prompt"), given.get("seed", seed + position), **settings)  # fmt: skip
+
+
+def iter_items(stream: IO[bytes], fmt: str, seed: int, path: str | Path = "prompts") -> Iterator[BatchItem]:
+    """The items of a checked file (a stored snapshot), one at a time; ValueError at a bad row."""
+    for position, (line, row) in enumerate(iter_rows(stream, fmt, path)):
+        if isinstance(row, LineProblem):
+            raise ValueError(f"prompts snapshot {path}: {row}")
+        item = check_row(position, line, row, seed)
+        if isinstance(item, list):
+            raise ValueError(f"prompts snapshot {path}: {item[0]}")
+        yield item
+
+
+def _id_hash(item_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
+
+
+def check_batch_file(path: str | Path, seed: int, copy: IO[bytes] | None = None) -> tuple[int, str]:
+    """One pass over a prompts file: (item count, sha256 of its bytes), copying the bytes to `copy`.
+
+    BatchFileError lists the first MAX_PROBLEMS bad cells (and counts the rest), every line checked;
+    RequestError if the file cannot be read. Memory: 8 bytes per explicit id (a hash, to find repeated
+    ids), whatever the file's size."""
+    from stagediff.sources import reader
+
+    fmt = file_format(path)
+    problems: list[LineProblem] = []
+    more = 0
+    hashes = array("Q")  # of the explicit ids, in order
+    auto_like: dict[str, int] = {}  # explicit ids shaped like an automatic one: (rare) checked at the end
+    count = 0
+
+    def problem(p: LineProblem) -> None:
+        nonlocal more
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(p)
+        else:
+            more += 1
+
+    with open_file("prompts_file", path, f"UTF-8 {', '.join(FORMATS)} file") as raw:
+        stream, tee = reader(raw, copy)
+        rows = iter_rows(stream, fmt, path) if fmt != "txt" else ()
+        if fmt == "txt":  # a prompt a line: only a NUL character can be wrong
+            for line, text in text_lines(stream, "prompts_file", path):
+                prompt = text.strip()
+                if prompt:
+                    if "\x00" in prompt:
+                        problem(LineProblem(line, "prompt", prompt, "must be non-empty text"))
+                    count += 1
+        for line, row in rows:
+            if isinstance(row, LineProblem):  # a row with too many cells is reported, then counted as a row
+                problem(row)
+                continue
+            bad = row_problems(line, row)
+            for p in bad:
+                problem(p)
+            if not bad and "id" in row:
+                hashes.append(_id_hash(row["id"]))
+                if _AUTO_ID.match(row["id"]):
+                    auto_like.setdefault(row["id"], line)
+            count += 1
+        sha256 = tee.digest.hexdigest()
+    if not count and not problems:
+        raise RequestError("prompts_file", str(path), "is empty: it must hold at least one prompt")
+    if has_repeats(hashes) or auto_like:
+        for p in repeated_ids(path, fmt, seed, auto_like):
+            problem(p)
+    if problems or more:
+        raise BatchFileError(path, sorted(problems, key=lambda p: p.line), more)
+    if seed + count - 1 > MAX_SEED:
+        raise RequestError("seed", seed, f"must be at most {MAX_SEED - count + 1} for {count} items")
+    return count, sha256
+
+
+def has_repeats(hashes: array) -> bool:
+    if len(hashes) < 2:
+        return False
+    import numpy as np
+
+    values = np.sort(np.frombuffer(hashes, dtype=np.uint64))
+    return bool((values[1:] == values[:-1]).any())
+
+
+def repeated_ids(path: str | Path, fmt: str, seed: int, auto_like: dict[str, int]) -> list[LineProblem]:
+    """The lines whose item id an earlier line has (a second pass, only when the first saw a repeat)."""
+    first: dict[str, int] = {}
+    found = []
+    with open_file("prompts_file", path, "prompts file") as raw:
+        position = 0
+        for line, row in iter_rows(raw, fmt, path):
+            if isinstance(row, LineProblem):
+                continue
+            item = check_row(position, line, row, seed)
+            position += 1
+            if isinstance(item, list):
+                continue
+            if "id" not in row and item.id not in auto_like:
+                continue
+            if item.id in first:
+                allowed = f"must be unique; line {first[item.id]} has it"
+                found.append(LineProblem(line, "id", item.id, allowed))
+            first.setdefault(item.id, line)
+    return found
 
 
 def read_batch_file(path: str | Path, seed: int) -> list[BatchItem]:
-    """Every item of a prompts file, or BatchFileError listing every bad cell (RequestError if unreadable)."""
-    rows, problems = read_rows(path)
-    items, more = check_rows(rows, seed)
-    problems = sorted(problems + more, key=lambda p: p.line)
-    if problems:
-        raise BatchFileError(path, problems)
-    if seed + len(rows) - 1 > MAX_SEED:
-        raise RequestError("seed", seed, f"must be at most {MAX_SEED - len(rows) + 1} for {len(rows)} items")
-    return items
+    """Every item of a (small) prompts file, after the whole file is checked: for tests and tools."""
+    check_batch_file(path, seed)
+    with open_file("prompts_file", path, "prompts file") as raw:
+        return list(iter_items(raw, file_format(path), seed, path))
 
 
-def check_batch(prompts_file: str, store: str, seed: int) -> list[BatchItem]:
+def check_batch(prompts_file: str, store: str, seed: int) -> int:
     """The flow's and the CLI's check of what only `batch` takes, before anything loads or is written: the
-    store folder, the seed, then every line of the file; RequestError / BatchFileError naming what is wrong."""
+    store folder, the seed, then every line of the file; the item count, or RequestError / BatchFileError."""
     validate_request(check_model=False, prompts=["-"], model="-", run_id="batch", seed=seed)
     if Path(store).exists() and not Path(store).is_dir():
         raise RequestError("store", store, "must be a folder (or not exist yet)")
-    return read_batch_file(prompts_file, seed)
-
-
-# 3. The store: which items are done, what to compute in which chunk, and the manifest
-
-
-def new_manifest() -> dict[str, Any]:
-    return {"kind": "stagediff-batch", "stagediff_version": stagediff.__version__, "prompts_file": None,
-            "status": "new", "runs": [], "items": []}  # fmt: skip
-
-
-def read_batch_manifest(store: str | Path, logger: Any = None) -> dict[str, Any] | None:
-    """The folder's batch.json (call it holding the folder's lock), or None when there is none yet.
-
-    A damaged batch.json is kept aside (`batch.json.damaged-<time>`) and None returned: the run rebuilds the
-    bookkeeping from the store, whose verified objects are the truth (nothing is computed again). Runs
-    still marked "running" were interrupted (the lock says no run is active)."""
-    path = Path(store) / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(manifest.get("items"), list) or not isinstance(manifest.get("runs"), list):
-            raise ValueError("not a batch manifest")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        kept = path.with_name(f"{MANIFEST_NAME}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(path, kept)
-        (logger or logging.getLogger(__name__)).warning(
-            "%s is damaged: kept as %s; its bookkeeping is rebuilt from the store", path, kept.name
-        )
-        return None
-    for run in manifest["runs"]:
-        if run.get("status") == "running":
-            run.update(status="interrupted")
-    return manifest
-
-
-def write_batch_manifest(store: str | Path, manifest: dict[str, Any]) -> Path:
-    path = Path(store) / MANIFEST_NAME
-    atomic_write_bytes(path, (json.dumps(manifest, indent=2) + "\n").encode())
-    return path
+    return check_batch_file(prompts_file, seed)[0]
 
 
 @contextmanager
@@ -284,78 +383,23 @@ def store_lock(store: Path, logger: logging.Logger | logging.LoggerAdapter) -> I
         yield  # the lock goes with the file when it is closed
 
 
-def item_entry(item: BatchItem, resolved: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
-    """An item as the manifest lists it: the row, the settings it was made with, its store keys;
-    `status` is pending until its image is recorded."""
-    return {**asdict(item), **resolved, "keys": keys, "image": item.image, "sha256": None, "status": "pending",
-            "run": None}  # fmt: skip
+def run_items(
+    stream: IO[bytes], fmt: str, seed: int, settings: ImageSettings, model: str, path: str | Path = "prompts"
+) -> Iterator[tuple[BatchItem, Any]]:
+    """(row, engine Item) for every item of a checked file, one at a time: the row's settings over the run's,
+    resolved against the model's defaults (FLUX.1 uses a negative prompt only with true CFG)."""
+    from stagediff.engine import Item
+    from stagediff.family import family_for
+    from stagediff.request import resolve_settings
 
-
-def is_done(entry: dict[str, Any] | None, keys: dict[str, str], store: Path) -> bool:
-    """Whether an item's image is in the batch folder, made under the same image key, with its recorded sha256."""
-    if (
-        entry is None
-        or entry.get("status") not in ("done", "removed")
-        or (entry.get("keys") or {}).get("images") != keys["images"]
-    ):
-        return False
-    try:
-        verify_file(store / entry["image"], entry["sha256"])
-    except ArtifactError:
-        return False
-    return True
-
-
-def plan(manifest: dict[str, Any], entries: list[dict[str, Any]], store: Path) -> list[str]:
-    """Rewrite the manifest's items for this file (`entries` from `item_entry`); return the ids to compute.
-
-    Items no longer in the file stay listed with status "removed" (their images are kept, and used
-    again if the line comes back).
-    """
-    previous = {entry["id"]: entry for entry in manifest["items"]}
-    listed, todo = [], []
-    for wanted in entries:
-        old = previous.pop(wanted["id"], None)
-        if is_done(old, wanted["keys"], store):
-            listed.append({**wanted, "sha256": old["sha256"], "status": "done", "run": old["run"]})
-        else:
-            listed.append(wanted)
-            todo.append(wanted["id"])
-    listed += [{**entry, "status": "removed"} for entry in previous.values()]
-    manifest["items"] = listed
-    return todo
-
-
-def start_run(manifest: dict[str, Any], prompts_file: str, flow_run_id: str | None, todo: list[str]) -> dict:
-    """Append this run to the manifest's `runs` and return it."""
-    run = {
-        "run": len(manifest["runs"]) + 1,
-        "flow_run_id": flow_run_id,
-        "prompts_file": prompts_file,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "status": "running",
-        "computed": len(todo),
-        "skipped": sum(entry["status"] == "done" for entry in manifest["items"]),
-        "stages": {},
-    }
-    manifest["runs"].append(run)
-    manifest.update(prompts_file=prompts_file, status="running")
-    return run
-
-
-def record_images(manifest: dict[str, Any], run: dict, images: dict[str, str]) -> None:
-    """Mark items done: `images` maps item id -> the sha256 of its image in the batch folder."""
-    for entry in manifest["items"]:
-        if entry["id"] in images:
-            entry.update(sha256=images[entry["id"]], status="done", run=run["run"])
-
-
-def finish_run(manifest: dict[str, Any], run: dict, error: str | None = None) -> None:
-    """Close the run; with `error`, its items not done are marked failed."""
-    run.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), status="failed" if error else "completed")
-    if error:
-        run["error"] = error
-        for entry in manifest["items"]:
-            if entry["status"] == "pending":
-                entry.update(status="failed", error=error)
-    manifest["status"] = run["status"]
+    true_cfg = family_for(model).true_cfg
+    resolved: dict[tuple, Any] = {}
+    for row in iter_items(stream, fmt, seed, path):
+        own = (row.steps, row.guidance, row.height, row.width)
+        if own not in resolved:
+            if len(resolved) > 1024:
+                resolved.clear()
+            resolved[own] = (row.settings(settings), resolve_settings(row.settings(settings), model))
+        row_settings, item_settings = resolved[own]
+        negative = row.negative_prompt if not true_cfg or row_settings.true_cfg_scale > 1 else None
+        yield row, Item(row.position, row.prompt, negative, row.seed, item_settings)

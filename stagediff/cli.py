@@ -25,8 +25,8 @@ from stagediff.request import (
     RunOptions,
     check_new_folder,
     check_store,
+    checked_prompts_file,
     new_run_id,
-    read_prompts_file,
     validate_request,
 )
 
@@ -34,12 +34,14 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
-def expand_negative_prompts(negative_prompts: list[str] | None, prompts: list[str]) -> list[str] | None:
+def check_negative_prompts(negative_prompts: list[str] | None, count: int, from_file: bool) -> list[str] | None:
     """`--negative-prompt` given once applies to every prompt; otherwise it must be given once per prompt."""
-    if negative_prompts is not None and len(negative_prompts) == 1:
-        return negative_prompts * len(prompts)
-    if negative_prompts is not None and len(negative_prompts) != len(prompts):
-        allowed = f"give it once (for every prompt) or once per prompt ({len(prompts)}), not {len(negative_prompts)}"
+    if negative_prompts is None or len(negative_prompts) == 1:
+        return negative_prompts
+    if from_file:
+        raise RequestError("negative_prompt", negative_prompts, "with --prompts-file give it once (for every prompt)")
+    if len(negative_prompts) != count:
+        allowed = f"give it once (for every prompt) or once per prompt ({count}), not {len(negative_prompts)}"
         raise RequestError("negative_prompt", negative_prompts, allowed)
     return negative_prompts
 
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="finish a run: compute only what its store lacks")
     resume.add_argument("run", metavar="OUT/RUN", help="the run folder (its manifest.json holds the request)")
     resume.add_argument("--store", help="artifact store (default: the one the run used)")
+    resume.add_argument(
+        "--storage-options", metavar="JSON", help='fsspec options of a URL store, e.g. {"endpoint_url": ...}'
+    )
     add_run_options(resume)
 
     clean = commands.add_parser("gc", help="remove the artifacts of a store that no kept run references")
@@ -207,12 +212,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = request_of(args)
     if any(getattr(args, name) is not None for name in ("replicas", "device_groups", "pool", "threads")):
         return run_fanout(request, args, run_options_of(args))
-    return run_flow(request, args.model, args.store, run_options_of(args), args.prompts_file)
+    storage_options = parse_json_object("storage_options", args.storage_options)
+    return run_flow(request, args.model, args.store, run_options_of(args), storage_options)
 
 
 def request_of(args: argparse.Namespace) -> GenerateRequest:
     """The checked request of `stagediff generate`'s options (also `stagediff.launch`'s)."""
-    prompts = args.prompts if args.prompts is not None else read_prompts_file(args.prompts_file)
+    source = {"prompts": args.prompts} if args.prompts is not None else {
+        "prompts_file": checked_prompts_file(args.prompts_file)}  # fmt: skip
+    count = len(args.prompts) if args.prompts is not None else source["prompts_file"].count
     settings = settings_of(args) | dict(
         true_cfg_scale=args.true_cfg_scale,
         original_size=parse_pair("original_size", args.original_size),
@@ -220,7 +228,8 @@ def request_of(args: argparse.Namespace) -> GenerateRequest:
         target_size=parse_pair("target_size", args.target_size),
     )
     fields = dict(
-        prompts=prompts, negative_prompts=expand_negative_prompts(args.negative_prompts, prompts), seed=args.seed,
+        **source, negative_prompts=check_negative_prompts(args.negative_prompts, count, args.prompts is None),
+        seed=args.seed,
         settings=settings, placement=placement_of(args), out=args.out, run_id=args.run_id or new_run_id(),
     )  # fmt: skip
     model = args.model or str(default_model_dir())
@@ -228,6 +237,8 @@ def request_of(args: argparse.Namespace) -> GenerateRequest:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from stagediff.record import is_old_format
+
     run_dir = Path(args.run)
     try:
         manifest = read_manifest(run_dir)
@@ -237,8 +248,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise RequestError(
             "run", args.run, "must be a run folder holding a manifest.json written by stagediff"
         ) from None
+    storage_options = parse_json_object("storage_options", args.storage_options)
+    store = args.store or manifest.get("store")
     model_arg = None if model == str(default_model_dir()) else model  # the default model is rebuilt if need be
     fields.update(out=str(run_dir.parent), run_id=run_dir.name)
+    if not is_old_format(manifest) and "prompts_file" in fields:  # its prompts as the run stored them
+        fields["prompts_file"] = recorded_prompts(args.run, fields["prompts_file"], manifest, store)
     request = validate_request(**fields, model=model, check_model=model_arg is not None)
     if model_arg is not None and manifest.get("model_hash"):
         from stagediff.keys import model_hash, model_identity
@@ -248,17 +263,39 @@ def cmd_resume(args: argparse.Namespace) -> int:
             allowed = (f"its model {request.model} is no longer the one the run used (fingerprint {found} != "
                        f"{manifest['model_hash']}): nothing was changed; start a new run for this model")  # fmt: skip
             raise RequestError("run", args.run, allowed)
-    return run_flow(request, model_arg, args.store or manifest.get("store"), run_options_of(args))
+    return run_flow(request, model_arg, store, run_options_of(args), storage_options)
+
+
+def recorded_prompts(run: str, recorded: dict, manifest: dict, store: str | None) -> dict:
+    """A resumed run's prompts file: the copy the run stored (requests/<sha256>.txt), or the original file if it
+    is unchanged; RequestError if neither is there."""
+    from stagediff.sources import snapshot_name
+
+    candidates = []
+    if store and "://" not in store:
+        candidates.append(Path(store) / snapshot_name(recorded["sha256"], "txt"))
+    candidates.append(Path(recorded["path"]))
+    for path in candidates:
+        if path.is_file():
+            found = checked_prompts_file(str(path))
+            if found.sha256 == recorded["sha256"]:
+                return found.model_dump()
+    allowed = f"its prompts file {recorded['path']} changed and the store holds no copy of it: start a new run"
+    raise RequestError("run", run, allowed)
 
 
 def run_flow(
-    request: GenerateRequest, model: str | None, store: str | None, options: RunOptions, prompts_file: str | None = None
+    request: GenerateRequest,
+    model: str | None,
+    store: str | None,
+    options: RunOptions,
+    storage_options: dict | None = None,
 ) -> int:
     """Run the generate flow for a checked request and print where its images are and what each stage did."""
-    from stagediff.run_manifest import open_manifest
+    from stagediff.run_manifest import open_run
 
-    check_store(store, request.out)
-    open_manifest(request)  # refuses a run id that holds a different run, before any work
+    check_store(store, request.out, storage_options)
+    open_run(request)  # refuses a run id that holds a different run, before any work
 
     from stagediff.isolation import warm_up
     from stagediff.prefect_api import choose_api
@@ -269,20 +306,24 @@ def run_flow(
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output
 
-    prompts = prompts_of(request, prompts_file)
+    prompts = prompts_of(request)
     output = Output(out=request.out, run_id=request.run_id, store=store)
     with progress_bars(), without_prefect_heartbeats():
-        manifest = generate(prompts, request.settings, model, request.placement, output, options)
+        manifest = generate(prompts, request.settings, model, request.placement, output, options, storage_options)
     run_dir = request.run_dir
-    print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
+    counts = manifest["counts"]
+    print(f"\n{counts['done']} images in {run_dir / 'images'} ({counts['computed_by_this_run']} computed); "
+          f"manifest: {run_dir / 'manifest.json'}, every item: {run_dir / 'items.jsonl'}")  # fmt: skip
     print(f"store: {manifest['store']}")
     for stage, info in manifest["stages"].items():
         if info["skipped"]:
-            print(f"  {stage:8s} no process: all {len(info['reused'])} items in the store")
+            print(f"  {stage:8s} no process: all {info['reused']} items in the store")
             continue
-        done = f"computed {len(info['computed'])}, reused {len(info['reused'])}"
+        done = f"computed {info['computed']}, reused {info['reused']}"
         seconds, rss, loads = info["seconds"], info["peak_rss_mb"], info["loads"]
-        print(f"  {stage:8s} pid {info['pid']}  {seconds:7.2f} s  peak RSS {rss:7.0f} MB  {done}  loads {loads}")
+        processes = info["process_count"]
+        print(f"  {stage:8s} pid {info['pid']}  {seconds:7.2f} s  peak RSS {rss:7.0f} MB  {done}  loads {loads}"
+              + (f"  ({processes} processes)" if processes > 1 else ""))  # fmt: skip
         pipeline = next((p["pipeline"] for p in info.get("processes", []) if "pipeline" in p), None)
         if pipeline:
             for part in pipeline["parts"]:
@@ -295,13 +336,13 @@ def run_flow(
     return 0
 
 
-def prompts_of(request: GenerateRequest, prompts_file: str | None) -> Prompts:
+def prompts_of(request: GenerateRequest) -> Prompts:
     """The flow's prompts: a prompts file travels by reference (its path), so any size reaches the flow."""
     from pydantic import ValidationError
 
     from stagediff.request import one_line
 
-    source = {"file": str(Path(prompts_file).absolute())} if prompts_file is not None else {"prompts": request.prompts}
+    source = {"prompts": request.prompts} if request.prompts is not None else {"file": request.prompts_file.path}
     try:
         return Prompts(**source, negative_prompts=request.negative_prompts, seed=request.seed)
     except ValidationError as exc:
@@ -311,12 +352,12 @@ def prompts_of(request: GenerateRequest, prompts_file: str | None) -> Prompts:
 def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunOptions) -> int:
     """The fan-out flow for a checked request: every fan-out option is checked first, nothing written."""
     from stagediff.replica import plan_replicas
-    from stagediff.run_manifest import open_manifest
+    from stagediff.run_manifest import open_run
 
     groups = plan_replicas(args.replicas, args.device_groups, args.pool, args.store, args.threads)
     storage_options = parse_json_object("storage_options", args.storage_options)
-    check_store(args.store, request.out)
-    open_manifest(request)
+    check_store(args.store, request.out, storage_options)
+    open_run(request)
 
     from stagediff.isolation import warm_up
     from stagediff.prefect_api import choose_api
@@ -328,7 +369,7 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output
 
-    prompts = prompts_of(request, args.prompts_file)
+    prompts = prompts_of(request)
     output = Output(out=request.out, run_id=request.run_id, store=args.store)
     device_groups = [g["devices"] for g in groups] if args.device_groups is not None else None
     with without_prefect_heartbeats():
@@ -336,13 +377,14 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
                           replicas=None if device_groups else len(groups), device_groups=device_groups,
                           pool=args.pool, threads=args.threads, storage_options=storage_options)  # fmt: skip
     run_dir = request.run_dir
-    print(f"\n{len(manifest['items'])} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
+    print(f"\n{manifest['counts']['done']} images in {run_dir / 'images'}; manifest: {run_dir / 'manifest.json'}")
     for replica in manifest["replicas"]:
         where = replica.get("flow_run_id") or f"pid {replica.get('pid')}"
         seen = replica.get("seen") or {}
         on = f"devices {replica['devices']}" if replica["devices"] else f"cpus {seen.get('cpus', replica['cpus'])}"
         threads = seen.get("torch_threads", replica["threads"])
-        print(f"  replica {replica['replica']}  {replica['status']:9s} {len(replica['items']):4d} items  {where}"
+        start, stop = replica["items"]
+        print(f"  replica {replica['replica']}  {replica['status']:9s} {stop - start:4d} items  {where}"
               f"  {on}  torch threads {threads}")  # fmt: skip
     return 0
 
@@ -376,7 +418,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         groups = plan_replicas(args.replicas, args.device_groups, None, None, args.threads)
         device_groups = [group["devices"] for group in groups] if args.device_groups is not None else None
     try:
-        items = check_batch(args.prompts_file, args.store, args.seed)
+        count = check_batch(args.prompts_file, args.store, args.seed)
     except BatchFileError as exc:
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -387,12 +429,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from stagediff.flows.running import without_prefect_heartbeats
 
     with progress_bars(), without_prefect_heartbeats():
-        manifest = batch(args.prompts_file, args.store, request.settings, args.model, args.seed, request.placement,
-                         options, args.replicas, device_groups, args.threads)  # fmt: skip
-    run = manifest["runs"][-1]
-    done = sum(entry["status"] == "done" for entry in manifest["items"])
-    print(f"\n{len(items)} items in {args.prompts_file}: {run['computed']} computed, {run['skipped']} done before")
-    print(f"{done} images in {Path(args.store) / 'images'}; manifest: {Path(args.store) / 'batch.json'}")
+        summary = batch(args.prompts_file, args.store, request.settings, args.model, args.seed, request.placement,
+                        options, args.replicas, device_groups, args.threads)  # fmt: skip
+    counts, store = summary["counts"], Path(args.store)
+    computed = counts["computed_by_this_run"]
+    print(f"\n{count} items in {args.prompts_file}: {computed} computed, {counts['done'] - computed} done before")
+    print(f"{counts['done']} images in {store / 'images'}; summary: {store / 'batch.json'}, every item: "
+          f"{store / 'items.jsonl'}")  # fmt: skip
     return 0
 
 

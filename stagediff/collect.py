@@ -1,7 +1,9 @@
 """Garbage collection of a store: remove the artifacts that no kept run references.
 
-A run is kept while it is registered in the store (every run registers itself when it starts) and
-its manifest still exists; deleting a run folder releases its artifacts. Only artifacts older than
+A run is kept while it is registered in the store (every run, of every kind, registers itself before it
+reads or writes any artifact, with what its items are made from) and its folder still exists; deleting a
+run folder releases its artifacts. gc reads each kept run's record once (and derives the keys of a run
+that has not completed from its stored request), then walks the store's objects once. Only artifacts older than
 `--older-than` go, so a run that is starting, or objects written a moment ago, are left alone.
 """
 
@@ -11,6 +13,7 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,22 +53,81 @@ class GcReport:
 
 
 def referenced_keys(store: Store, report: GcReport) -> set[str]:
-    """Keys referenced by kept runs; registrations of deleted runs are dropped (unless dry run)."""
+    """Keys referenced by kept runs; registrations of deleted runs are dropped (unless dry run).
+
+    A run's record lists every item it has worked on; a run that has not completed (running, interrupted,
+    failed: it may be resumed) also keeps every key its request will use, derived from its root (the stored
+    prompts and what its keys depend on). A run from before run records lists its keys in its manifest."""
     keys: set[str] = set()
-    for entry, manifest_path in store.runs().items():
-        try:
-            manifest = json.loads(Path(manifest_path).read_text())
-        except FileNotFoundError:
+    for name, entry in store.runs().items():
+        summary_path, root = Path(entry["manifest"]), entry.get("root")
+        record_path = Path(root["record"]) if root else None
+        if not summary_path.exists() and not (record_path and record_path.exists()):
             report.forgotten_runs += 1
             if not report.dry_run:
-                store.remove(entry)
+                store.remove(name)
             continue
-        except (OSError, ValueError):
-            manifest = {}  # unreadable now: keep it registered, reference nothing
         report.runs += 1
-        for item in manifest.get("items", []):
-            keys.update(item.get("keys", {}).values())
+        try:
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        except (OSError, ValueError):
+            summary = {}  # unreadable now: keep it registered, keep what its root says
+        for item in summary.get("items", []) if isinstance(summary.get("items"), list) else []:
+            keys.update(item.get("keys", {}).values())  # a run from before run records
+        if record_path is not None and record_path.exists():
+            from stagediff.record import Record
+
+            record = Record(record_path, "run")
+            try:
+                keys.update(record.keys())
+                completed = (record.runs(last=1) or [{}])[0].get("status") == "completed"
+            finally:
+                record.close()
+        else:
+            completed = False
+        if root is not None and not completed:
+            keys.update(root_keys(store, root))
     return keys
+
+
+def root_keys(store: Store, root: dict) -> Iterator[str]:
+    """Every content key of a registered run's request, derived as its engine derives them; nothing when its
+    model or its stored prompts are gone (then only its record protects its artifacts)."""
+    from stagediff.engine import request_items
+    from stagediff.keys import item_keys, model_identity
+    from stagediff.request import GenerateRequest, ImageSettings
+    from stagediff.sources import Source, has_source
+
+    source = Source.model_validate(root["source"])
+    try:
+        identity = model_identity(root["model"], root.get("variant"))
+    except (OSError, ValueError, KeyError):
+        return
+    if not has_source(store, source):
+        return
+    if root["kind"] == "batch":
+        from stagediff.batch import run_items
+        from stagediff.sources import open_source
+
+        settings = ImageSettings.model_validate(root["batch"]["settings"])
+
+        def made() -> Iterator:
+            with open_source(store, source) as stream:
+                for _, item in run_items(stream, source.format, root["batch"]["seed"], settings, root["model"]):
+                    yield item
+
+        items = made()
+    else:
+        fields = root["request"]
+        request = GenerateRequest.model_construct(
+            model=root["model"], seed=fields["seed"], negative_prompts=fields.get("negative_prompts"),
+            settings=ImageSettings.model_validate(fields["settings"]),
+        )  # fmt: skip
+        items = request_items(request, source, store)
+    for item in items:
+        found = item_keys(identity, item.prompt, item.negative_prompt, item.seed, item.settings, root["dtype"],
+                          root["tiled_decode"], root["sliced_decode"], root["metadata"])  # fmt: skip
+        yield from found.values()
 
 
 def created(store: Store, kind: str, key: str) -> float | None:
@@ -76,6 +138,11 @@ def created(store: Store, kind: str, key: str) -> float | None:
 
 
 def collect_garbage(store: Store, older_than: float, dry_run: bool = False) -> GcReport:
+    with store.gc_lock(exclusive=True):  # a run that registers meanwhile waits: gc sees every run it could harm
+        return _collect(store, older_than, dry_run)
+
+
+def _collect(store: Store, older_than: float, dry_run: bool) -> GcReport:
     report = GcReport(dry_run=dry_run)
     # 1. What the kept runs reference
     keep = referenced_keys(store, report)

@@ -1,13 +1,16 @@
 """The run engine: a list of items through encode -> denoise -> decode against the artifact store.
 
-`generate` and `batch` are thin callers: they turn their request into `Item`s, and the engine
+`generate` and `batch` are thin callers: they stream their request's items (`Item`s, made one at a time
+from the request's stored copy), and the engine
 1. names every artifact by its content key (`keys.item_keys`, the one key function),
-2. cuts the items into chunks (see `next_chunk_size`), grouped by settings so that batches fill,
+2. passes over the items whose image the store already holds (verified) without touching their earlier
+   stages, and cuts the others into chunks as they come (see `next_chunk_size`), each grouped by settings
+   so that batches fill: memory is bounded by a chunk, never by the run,
 3. for each chunk and stage, runs one stage process over the items whose artifact the store lacks
    (none when it lacks nothing); a damaged artifact is computed again with a warning, or stops a
    `strict` run with `ArtifactError` before the stage starts,
 4. tells the caller after every stage of every chunk which artifact each item has (`on_stored`), so
-   the caller persists its record at once, and reports each stored item as progress.
+   the caller records it at once, and reports each stored item as progress.
 
 Every stage process loads its models once for its chunk, and a stage process groups its items by
 settings into batches itself: items with other settings never cost another load.
@@ -19,9 +22,10 @@ import functools
 import logging
 import math
 import shlex
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stagediff.artifacts import ArtifactError, Store
 from stagediff.isolation import run_stage_process
@@ -43,8 +47,13 @@ from stagediff.keys import ModelIdentity, item_keys, model_hash, model_identity,
 from stagediff.progress import Progress
 from stagediff.request import GenerateRequest, Placement, RunOptions, resolve_settings
 
+if TYPE_CHECKING:
+    from stagediff.sources import Source
+
 FIRST_CHUNK = 64  # items in the first chunk: up to this many, a run loads each model once
 MAX_RELOAD_SHARE = 0.03  # later chunks are sized so that loading again costs at most this share of their work
+DONE_BATCH = 256  # items found done are reported to the caller this many at a time
+RECENT_PROCESSES = 8  # stage processes the summary lists per stage (the record lists every one)
 
 log = logging.getLogger(__name__)
 
@@ -67,37 +76,66 @@ class Item:
 
 @dataclass
 class StageRecord:
-    """What one stage did over the whole run, for the manifest."""
+    """What one stage did over the whole run, in counts: its size does not grow with the run."""
 
-    computed: list[int] = field(default_factory=list)
-    reused: list[int] = field(default_factory=list)
-    damaged: list[int] = field(default_factory=list)
-    processes: list[dict[str, Any]] = field(default_factory=list)  # one per stage process: pid, items, loads, ...
+    computed: int = 0
+    reused: int = 0
+    damaged: int = 0  # found damaged in the store, computed again
+    process_count: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_PROCESSES))  # the last processes' entries
+    pid: int | None = None  # of the first process
+    seconds: float = 0.0
+    startup_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    cuda_max_memory_allocated_mb: float | None = None
+    loads: int = 0
     device_map: dict[str, str] | None = None
     warnings: list[str] = field(default_factory=list)
     environment: dict[str, Any] | None = None  # the device setting its processes saw (CUDA_VISIBLE_DEVICES, threads)
     interrupted: bool = False  # its process failed, died or was cancelled (`computed`: what it had stored)
 
+    def add_process(self, entry: dict[str, Any]) -> None:
+        self.process_count += 1
+        self.recent.append(entry)
+        self.pid = self.pid or entry.get("pid")
+        self.seconds += entry.get("seconds", 0.0)
+        self.startup_seconds += entry.get("startup_seconds", 0.0)
+        self.peak_rss_mb = max(self.peak_rss_mb, entry.get("peak_rss_mb", 0.0))
+        cuda = entry.get("cuda_max_memory_allocated_mb")
+        if cuda:
+            self.cuda_max_memory_allocated_mb = max(self.cuda_max_memory_allocated_mb or 0.0, cuda)
+        self.loads += entry.get("loads", 0)
+
     def to_dict(self) -> dict[str, Any]:
-        first = self.processes[0] if self.processes else {}
-        cuda = [p["cuda_max_memory_allocated_mb"] for p in self.processes if p["cuda_max_memory_allocated_mb"]]
         return {
-            "skipped": not self.processes,  # every item was in the store: no process started
-            "computed": sorted(self.computed),
-            "reused": sorted(self.reused),
-            "damaged": sorted(self.damaged),
-            "pid": first.get("pid"),
-            "seconds": round(sum(p["seconds"] for p in self.processes), 4),
-            "startup_seconds": round(sum(p["startup_seconds"] for p in self.processes), 4),
-            "peak_rss_mb": max((p["peak_rss_mb"] for p in self.processes), default=0.0),
-            "cuda_max_memory_allocated_mb": max(cuda, default=None),
-            "loads": sum(p["loads"] for p in self.processes),
+            "skipped": not self.process_count,  # every item was in the store: no process started
+            "computed": self.computed,
+            "reused": self.reused,
+            "damaged": self.damaged,
+            "pid": self.pid,
+            "seconds": round(self.seconds, 4),
+            "startup_seconds": round(self.startup_seconds, 4),
+            "peak_rss_mb": self.peak_rss_mb,
+            "cuda_max_memory_allocated_mb": self.cuda_max_memory_allocated_mb,
+            "loads": self.loads,
             "device_map": self.device_map,
             "warnings": self.warnings,
             "environment": self.environment,
             "interrupted": self.interrupted,
-            "processes": self.processes,
+            "process_count": self.process_count,
+            "processes": list(self.recent),  # the last RECENT_PROCESSES; the record holds every one
         }
+
+
+@dataclass
+class Stored:
+    """What a stage stored for a chunk (or what the store held): the caller records it."""
+
+    stage: str
+    items: list[Item]  # the items this report is about
+    keys: dict[int, dict[str, str]]  # index -> its content keys
+    refs: dict[int, ItemRef]  # index -> the stage's artifact
+    made: dict[int, str]  # index -> computed | reused | recomputed (was damaged)
 
 
 @dataclass
@@ -116,6 +154,8 @@ class Engine:
     prefect_tasks: bool = True  # False: stage processes without Prefect tasks (torchrun ranks, local replicas)
     logger: logging.Logger | logging.LoggerAdapter = log
     stages: dict[str, StageRecord] = field(default_factory=dict)  # a stage appears once it has been checked
+    on_process: Callable[[str, dict[str, Any]], None] | None = None
+    on_listed: Callable[[list[Item], dict[int, dict[str, str]]], None] | None = None
 
     def keys(self, item: Item) -> dict[str, str]:
         return item_keys(
@@ -125,54 +165,110 @@ class Engine:
 
     def run(
         self,
-        items: list[Item],
-        keys: dict[int, dict[str, str]],
-        on_stored: Callable[[str, dict[int, ItemRef]], None],
+        items: Iterable[Item],
+        on_stored: Callable[[Stored], None],
         progress: Progress | None = None,
+        on_process: Callable[[str, dict[str, Any]], None] | None = None,
+        on_listed: Callable[[list[Item], dict[int, dict[str, str]]], None] | None = None,
     ) -> None:
-        """Every item's artifacts into the store; `keys[index]` from `self.keys`, computed by the caller once.
+        """Every item's artifacts into the store, the items taken one at a time as they come.
 
-        `on_stored(stage, refs)`: after each stage of each chunk, the refs of that chunk's items.
+        `on_listed(items, keys)`: before a chunk's stages (and before items found done are reported), so the
+        caller records the items and their keys first; `on_stored(stored)`: after each stage of each chunk
+        (and for each DONE_BATCH items whose image the store held), what was stored; `on_process(stage,
+        entry)`: each stage process, as it ends.
         """
-        progress = progress or Progress(len(items))
-        ordered = order_by_group(items)
-        chunk_size, start, n = self.chunk_size or FIRST_CHUNK, 0, 0
-        while start < len(ordered):
-            n += 1
-            chunk = ordered[start : start + chunk_size]
-            start += len(chunk)
-            # "chunk 2/5" where the number of chunks is known (a fixed size, or one chunk), else "chunk 2"
-            known = self.chunk_size is not None or (n == 1 and start >= len(ordered))
-            label = f"chunk {n}/{math.ceil(len(ordered) / chunk_size)}" if known else f"chunk {n}"
-            measured = self.run_chunk(chunk, keys, label, on_stored, progress)
+        progress = progress or Progress(0)
+        self.on_process, self.on_listed = on_process, on_listed
+        store = self.ctx.open_store()
+        chunk_size, n = self.chunk_size or FIRST_CHUNK, 0
+        pending: list[Item] = []
+        keys: dict[int, dict[str, str]] = {}
+        done: list[tuple[Item, ItemRef]] = []
+        for item in items:
+            keys[item.index] = self.keys(item)
+            ref = self.image_in_store(store, item, keys[item.index])
+            if ref is not None:
+                done.append((item, ref))
+                if len(done) >= DONE_BATCH:
+                    self.report_done(done, keys, on_stored, progress)
+                    done = []
+                continue
+            pending.append(item)
+            if len(pending) < chunk_size:
+                continue
+            self.report_done(done, keys, on_stored, progress)
+            done, n = [], n + 1
+            measured = self.run_chunk(order_by_group(pending), keys, f"chunk {n}", on_stored, progress)
+            pending, keys = [], {}
             if self.chunk_size is None and measured:
-                chunk_size = next_chunk_size(measured)
-                if start < len(ordered):
+                size = next_chunk_size(measured)
+                if size != chunk_size:
                     self.logger.info("next chunks: %d items (loading is at most %.0f%% of a chunk's work)",
-                                     chunk_size, 100 * MAX_RELOAD_SHARE)  # fmt: skip
+                                     size, 100 * MAX_RELOAD_SHARE)  # fmt: skip
+                chunk_size = size
+        self.report_done(done, keys, on_stored, progress)
+        if pending:
+            self.run_chunk(order_by_group(pending), keys, f"chunk {n + 1}", on_stored, progress)
+
+    def image_in_store(self, store: Store, item: Item, keys: dict[str, str]) -> ItemRef | None:
+        """The item's image when the store holds it, verified (its earlier stages are then not needed)."""
+        try:
+            record = store.check("images", keys["images"])
+        except ArtifactError as exc:
+            if self.strict:
+                raise
+            self.logger.warning("%s; computing it again", exc)
+            self.stages.setdefault("decode", StageRecord()).damaged += 1
+            return None
+        return None if record is None else ItemRef(item.index, "images", keys["images"], record.sha256)
+
+    def report_done(
+        self,
+        done: list[tuple[Item, ItemRef]],
+        keys: dict[int, dict[str, str]],
+        on_stored: Callable[[Stored], None],
+        progress: Progress,
+    ) -> None:
+        """Items whose image the store held: reused by every stage, reported as the decode stage's."""
+        if not done:
+            return
+        if self.on_listed is not None:
+            self.on_listed([item for item, _ in done], keys)
+        for stage in STAGES:
+            self.stages.setdefault(stage, StageRecord()).reused += len(done)
+        progress.reused(len(done))
+        items = [item for item, _ in done]
+        refs = {item.index: ref for item, ref in done}
+        on_stored(Stored("decode", items, {i.index: keys[i.index] for i in items}, refs, dict.fromkeys(refs, "reused")))
 
     def run_chunk(
         self,
         chunk: list[Item],
         keys: dict[int, dict[str, str]],
         label: str,
-        on_stored: Callable[[str, dict[int, ItemRef]], None],
+        on_stored: Callable[[Stored], None],
         progress: Progress,
     ) -> list[StageResult]:
         """encode -> denoise -> decode for one chunk; the results of the stage processes that loaded a model."""
         store = self.ctx.open_store()
         refs: dict[int, ItemRef] = {}
         measured = []
+        progress.new_chunk()
+        if self.on_listed is not None:
+            self.on_listed(chunk, keys)
         for stage in STAGES:
             kind = KIND_OF_STAGE[stage]
-            todo, found = self.missing(store, stage, chunk, keys)
+            todo, found, damaged = self.missing(store, stage, chunk, keys)
             record = self.stages.setdefault(stage, StageRecord())
-            record.reused += list(found)
+            record.reused += len(found)
+            made = dict.fromkeys(found, "reused")
             if stage == "decode":
                 progress.reused(len(found))
             if todo:
                 progress.todo(stage, len(todo))
-                self.logger.info("%s: %d of %d items to compute [%s]", stage, len(todo), len(chunk), label)
+                self.logger.info("%s: %d of %d items to compute [%s, items %s]", stage, len(todo), len(chunk), label,
+                                 item_span(todo))  # fmt: skip
                 job = self.job(stage, todo, keys, refs)
                 on_item = lambda index, stage=stage: progress.stored(stage, index)  # noqa: E731
                 try:
@@ -185,44 +281,65 @@ class Engine:
                         result = task(stage, job, on_item=on_item)
                     else:
                         result = run_stage_process(stage, job, on_item, self.logger)
-                except BaseException:  # what its process had stored is in the store: a rerun reuses it
-                    record.computed += sorted({i for s, i in progress.seen if s == stage} & {i.index for i in todo})
+                except BaseException:  # what its process had stored is in the store: record it, a rerun reuses it
                     record.interrupted = True
+                    self.record_partial(store, stage, chunk, keys, progress, found, made, on_stored)
                     raise
                 found |= self.collect(store, kind, todo, keys, result)
-                record.computed += [item.index for item in todo]
-                record.processes.append({**result.process, "items": sorted(r.index for r in result.items),
-                                         "loads": result.loads, "load_seconds": result.load_seconds,
-                                         "compute_seconds": result.compute_seconds,
-                                         **({"pipeline": result.pipeline} if result.pipeline else {})})  # fmt: skip
+                record.computed += len(todo)
+                made |= {item.index: "recomputed" if item.index in damaged else "computed" for item in todo}
+                entry = {**result.process, "items": item_span(result.items), "loads": result.loads,
+                         "load_seconds": result.load_seconds, "compute_seconds": result.compute_seconds,
+                         **({"pipeline": result.pipeline} if result.pipeline else {})}  # fmt: skip
+                record.add_process(entry)
+                if self.on_process is not None:
+                    self.on_process(stage, entry)
                 record.device_map = record.device_map or result.device_map
                 record.environment = record.environment or result.environment
-                record.warnings += [w for w in result.warnings if w not in record.warnings]
+                record.warnings += [w for w in result.warnings if w not in record.warnings][:20]
                 if result.loads:
                     measured.append(result)
-            else:
-                self.logger.info("%s: all %d items in the store, no process started [%s]", stage, len(chunk), label)
             refs = found
-            on_stored(stage, refs)
+            on_stored(Stored(stage, chunk, keys, refs, made))
         return measured
 
-    def verify(self, items: list[Item], keys: dict[int, dict[str, str]]) -> None:
+    def record_partial(
+        self, store: Store, stage: str, chunk: list[Item], keys: dict[int, dict[str, str]], progress: Progress,
+        found: dict[int, ItemRef], made: dict[int, str], on_stored: Callable[[Stored], None],
+    ) -> None:  # fmt: skip
+        """After a stage process failed or was stopped: report what it had stored (its items are in the store)."""
+        kind = KIND_OF_STAGE[stage]
+        stored = {index for s, index in progress.seen if s == stage} - set(found)
+        refs = dict(found)
+        for item in chunk:
+            if item.index in stored:
+                try:
+                    record = store.check(kind, keys[item.index][kind])
+                except ArtifactError:
+                    record = None
+                if record is not None:
+                    refs[item.index] = ItemRef(item.index, kind, record.key, record.sha256)
+                    made[item.index] = "computed"
+        self.stages[stage].computed += len(refs) - len(found)
+        if refs:
+            on_stored(Stored(stage, chunk, keys, refs, made))
+
+    def verify(self, items: Iterable[Item]) -> None:
         """For a strict run, before anything is written: ArtifactError at the first damaged artifact the store
         holds for these items (a refusal changes nothing, not even the run's record)."""
         store = self.ctx.open_store()
         for item in items:
+            keys = self.keys(item)
             for stage in STAGES:
-                store.check(KIND_OF_STAGE[stage], keys[item.index][KIND_OF_STAGE[stage]])
+                store.check(KIND_OF_STAGE[stage], keys[KIND_OF_STAGE[stage]])
 
     def missing(
         self, store: Store, stage: str, chunk: list[Item], keys: dict[int, dict[str, str]]
-    ) -> tuple[list[Item], dict[int, ItemRef]]:
-        """The chunk's items whose artifact of `stage` the store lacks, and the refs of those it has.
-
-        A damaged artifact is computed again (logged as a warning), or with `strict` raises ArtifactError.
-        """
+    ) -> tuple[list[Item], dict[int, ItemRef], set[int]]:
+        """The chunk's items whose artifact of `stage` the store lacks, the refs of those it has, and the items
+        whose artifact was damaged (computed again, logged as a warning; with `strict`: ArtifactError)."""
         kind = KIND_OF_STAGE[stage]
-        todo, found = [], {}
+        todo, found, damaged = [], {}, set()
         for item in chunk:
             key = keys[item.index][kind]
             try:
@@ -231,13 +348,14 @@ class Engine:
                 if self.strict:
                     raise
                 self.logger.warning("%s; computing it again", exc)
-                self.stages.setdefault(stage, StageRecord()).damaged.append(item.index)
+                self.stages.setdefault(stage, StageRecord()).damaged += 1
+                damaged.add(item.index)
                 record = None
             if record is None:
                 todo.append(item)
             else:
                 found[item.index] = ItemRef(item.index, kind, key, record.sha256)
-        return todo, found
+        return todo, found, damaged
 
     def job(self, stage: str, todo: list[Item], keys: dict[int, dict[str, str]], refs: dict[int, ItemRef]):
         """The typed job of one stage for the items it has to compute; `refs`: the previous stage's artifacts."""
@@ -304,11 +422,32 @@ class Engine:
         return refs
 
 
-def request_items(request: GenerateRequest) -> list[Item]:
-    """A `generate` request's items: prompt i with its negative prompt, seed + i and the resolved settings."""
+def request_items(
+    request: GenerateRequest, source: Source, store: Store, start: int = 0, stop: int | None = None
+) -> Iterator[Item]:
+    """A `generate` request's items `start`..`stop` (default: all), read one at a time from its stored prompts:
+    prompt i with its negative prompt, seed + i and the resolved settings."""
+    from stagediff.sources import open_source, prompt_lines
+
     settings = resolve_settings(request.settings, request.model)
-    negatives = request.negative_prompts or [None] * len(request.prompts)
-    return [Item(i, p, negatives[i], request.seed + i, settings) for i, p in enumerate(request.prompts)]
+    negatives = request.negative_prompts
+    with open_source(store, source) as stream:
+        for i, (_, prompt) in enumerate(prompt_lines(stream, source.format, source.name)):
+            if i < start:
+                continue
+            if stop is not None and i >= stop:
+                return
+            negative = None if negatives is None else negatives[i] if len(negatives) > 1 else negatives[0]
+            yield Item(i, prompt, negative, request.seed + i, settings)
+
+
+def item_span(items: list) -> str:
+    """ "3-9" (or "3", "3-9 (5 items)" when not contiguous): the indexes of a chunk's items, for logs."""
+    indexes = sorted(getattr(i, "index", i) for i in items)
+    if not indexes:
+        return "none"
+    span = f"{indexes[0]}-{indexes[-1]}" if len(indexes) > 1 else str(indexes[0])
+    return span if indexes[-1] - indexes[0] + 1 == len(indexes) else f"{span} ({len(indexes)} items)"
 
 
 def build_engine(

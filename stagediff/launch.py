@@ -12,12 +12,13 @@ and its manifest. No Prefect here: the launcher is the orchestrator.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
-from stagediff.artifacts import write_manifest
 from stagediff.cli import EXIT_BAD_INPUT, build_parser, request_of, run_options_of
+from stagediff.replica import run_replica
 from stagediff.request import RequestError, check_store
 
 
@@ -34,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    from stagediff.artifacts import Store
     from stagediff.default_model import ensure_default_model
-    from stagediff.engine import request_items
-    from stagediff.replica import ReplicaJob, cpu_shares, default_torch_threads, replica_items, run_replica
+    from stagediff.engine import build_engine
+    from stagediff.replica import ReplicaJob, cpu_shares, default_torch_threads, split
     from stagediff.request import visible_gpus
-    from stagediff.run_manifest import gather, open_manifest
+    from stagediff.run_manifest import RunFolder, adopt_old_manifest, open_run, run_summary_base
 
     gpus = visible_gpus()
     state = PartialState(cpu=not gpus)
@@ -49,17 +51,24 @@ def main(argv: list[str] | None = None) -> int:
         state.wait_for_everyone()
         request = request.model_copy(update={"model": str(ensure_default_model())})
     try:  # every rank refuses a run id that holds another run, before computing anything
-        manifest = open_manifest(request)
+        previous = open_run(request)
     except RequestError as exc:
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    items = request_items(request)
-    resolved = items[0].settings
-    with state.split_between_processes(list(range(len(items)))) as indexes:
-        share = list(indexes)
+    store = Store(store_location)
+    from stagediff.flows.running import register_root, store_request
+
+    # the request stored once (by rank 0), the run a root of gc, before any rank touches an artifact
+    if state.is_main_process:
+        source = store_request(request, store)
+        engine = build_engine(request.model, request.placement, store_location, str(request.run_dir), options)
+        register_root(store, request.run_dir / "manifest.json", engine, source, request=request)
+    source = gather_object([source if state.is_main_process else None])[0]  # rank 0's, to every rank
+    share = split(request.count, state.num_processes)[state.process_index]
     rank = state.process_index
     job = ReplicaJob(
-        replica=rank, model=request.model, items=replica_items(items, share), placement=request.placement,
+        replica=rank, model=request.model, source=source, start=share.start, stop=share.stop, seed=request.seed,
+        negative_prompts=request.negative_prompts, settings=request.settings, placement=request.placement,
         options=options, store=store_location,
         devices=gpus[state.local_process_index % len(gpus)] if gpus else None,
         # without GPUs: this machine's cores shared out by local rank, and the threads of a plain run (not the
@@ -69,24 +78,29 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=str(request.run_dir / "replicas" / str(rank)), result=f"launch/{request.run_id}/{rank}.json",
     )  # fmt: skip
     started = time.time()
-    result = run_replica(job) if share else {"replica": rank, "items": {}, "stages": {}, "pid": os.getpid()}
+    empty = {"replica": rank, "items": [share.start, share.stop], "segments": 0, "stages": {}, "pid": os.getpid()}
+    result = run_replica(job) if len(share) else empty
     result["seconds"] = round(time.time() - started, 3)
     results = gather_object([result])  # every rank's, in rank order
     if state.is_main_process:
-        from stagediff.artifacts import Store
-
-        store = Store(store_location)
-        manifest.update(settings=resolved.__dict__, store=store_location, status="completed",
-                        stages={r["replica"]: r["stages"] for r in results}, replicas=[])  # fmt: skip
-        gather(manifest, request.run_dir, store, results)
-        for r in results:
-            manifest["replicas"].append({"replica": r["replica"], "pid": r["pid"], "devices": r.get("devices"),
-                                         "cpus": r.get("cpus"), "threads": r.get("threads"),
-                                         "items": sorted(map(int, r["items"])),
-                                         "seconds": r["seconds"], "status": "completed"})  # fmt: skip
-        write_manifest(request.run_dir, manifest)
-        store.register_run(request.run_dir / "manifest.json")
-        print(f"{len(items)} images over {state.num_processes} ranks in {request.run_dir / 'images'}")
+        adopt_old_manifest(request.run_dir, previous)
+        base = run_summary_base(request, source, store_location, engine)
+        folder = RunFolder(request.run_dir, "run", "manifest.json", base)
+        folder.start(None, store, request.count, launcher=True)
+        for r in results:  # each rank's journal, in order, into the run's record
+            prefix = f"launch/{request.run_id}/{r['replica']}"
+            for seq in range(r["segments"]):
+                name = f"{prefix}/{seq:08d}.json"
+                folder.replay(json.loads(store.read(name)))
+                store.remove(name)
+        folder.extra.update(
+            replica_stages={r["replica"]: r["stages"] for r in results},
+            replicas=[{"replica": r["replica"], "pid": r["pid"], "devices": r.get("devices"), "cpus": r.get("cpus"),
+                       "threads": r.get("threads"), "items": r["items"], "seconds": r["seconds"],
+                       "status": "completed"} for r in results],
+        )  # fmt: skip
+        folder.finish("completed")
+        print(f"{request.count} images over {state.num_processes} ranks in {request.run_dir / 'images'}")
     state.wait_for_everyone()
     return 0
 

@@ -75,6 +75,10 @@ class Progress:
     def description(self) -> str:
         return f"{self.images}/{self.total_images} images"
 
+    def new_chunk(self) -> None:
+        """Forget which items were reported: each chunk's stage processes report their own (bounded memory)."""
+        self.seen.clear()
+
     def todo(self, stage: str, count: int) -> None:
         counts = self.stages[stage]
         counts.total += count

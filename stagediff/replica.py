@@ -20,35 +20,36 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagediff.artifacts.store import is_url
-from stagediff.jobs import DenoiseSettings
-from stagediff.request import Placement, RequestError, RunOptions, visible_gpus
+from stagediff.request import ImageSettings, Placement, RequestError, RunOptions, visible_gpus
+from stagediff.sources import Source
+
+if TYPE_CHECKING:
+    from stagediff.artifacts import Store
 
 log = logging.getLogger("stagediff.replica")
 
 
-class ReplicaItem(BaseModel):
-    """One item of a share, resolved (its settings are the run's, defaults filled in)."""
-
-    index: int
-    prompt: str
-    negative_prompt: str | None = None
-    seed: int
-    settings: DenoiseSettings
-
-
 class ReplicaJob(BaseModel):
-    """What one replica computes and where: its share of the items, the model, the store, its devices."""
+    """What one replica computes and where: its range of a request's items (stored once, in the store; never
+    the items themselves), the model, the store, its devices."""
 
     model_config = ConfigDict(extra="forbid")
 
     replica: int = Field(ge=0, description="0-based replica number.")
     model: str
-    items: list[ReplicaItem]
+    kind: Literal["generate", "batch"] = Field(default="generate", description="How items are made of the source.")
+    source: Source = Field(description="The request's items as stored: the prompts (generate) or the batch file.")
+    start: int = Field(ge=0, description="First item (0-based position in the source).")
+    stop: int = Field(ge=0, description="One past the last item.")
+    seed: int = Field(default=0, ge=0, description="Base seed: item i gets seed + i (unless a batch row says).")
+    negative_prompts: list[str] | None = Field(default=None, description="generate: one for all, or one per item.")
+    settings: ImageSettings = Field(default_factory=ImageSettings, description="The run's (a batch row's on top).")
     placement: Placement = Field(default_factory=Placement)
     options: RunOptions = Field(default_factory=RunOptions)
     store: str = Field(description="The shared artifact store: a folder (one machine) or a URL.")
@@ -57,7 +58,70 @@ class ReplicaJob(BaseModel):
     cpus: list[int] | None = Field(default=None, description="The CPUs its processes run on; None: as given.")
     threads: int | None = Field(default=None, ge=1, description="torch threads of its stage processes; None: torch's.")
     work_dir: str | None = Field(default=None, description="Its folder for offloaded weights; None: a temporary one.")
-    result: str = Field(description="Store-relative name its result is written to (what the parent gathers).")
+    result: str = Field(description="Store-relative name of its result; its journal's segments are in RESULT/.")
+
+    @property
+    def journal(self) -> str:
+        return self.result.removesuffix(".json")
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+class Journal:
+    """A replica's record as it goes, for whoever gathers it: one small segment object per engine report
+    (`JOURNAL/00000042.json`: the items listed before a chunk, or what a stage stored), written whole (one PUT)."""
+
+    def __init__(self, store: Store, prefix: str, ids: dict[int, tuple[str, int | None]]) -> None:
+        self.store, self.prefix, self.ids, self.seq = store, prefix, ids, 0
+
+    def write(self, segment: dict[str, Any]) -> None:
+        self.store.write(f"{self.prefix}/{self.seq:08d}.json", json.dumps(segment, separators=(",", ":")).encode())
+        self.seq += 1
+
+    def listed(self, items: list, keys: dict[int, dict[str, str]]) -> None:
+        from stagediff.record import item_row
+
+        rows = []
+        for item in items:
+            item_id, line = self.ids.get(item.index) or (f"{item.index:05d}", None)
+            rows.append(item_row(item, keys[item.index], item_id, line))
+        self.write({"listed": rows})
+
+    def stored(self, stored: Any) -> None:
+        from stagediff.jobs import KIND_OF_STAGE
+
+        refs = {i: [ref.key, ref.sha256, stored.made.get(i, "reused")] for i, ref in stored.refs.items()}
+        self.write({"kind": KIND_OF_STAGE[stored.stage], "refs": refs})
+        if stored.stage == "decode":
+            for index in stored.refs:
+                self.ids.pop(index, None)
+
+
+def job_items(job: ReplicaJob, store: Store, ids: dict[int, tuple[str, int | None]]) -> Iterator[Any]:
+    """The engine Items of a job's range, read from the stored source one at a time; a batch item's id and line
+    go into `ids` (for the journal) as it is made."""
+    from stagediff.sources import open_source
+
+    if job.kind == "generate":
+        from stagediff.engine import request_items
+        from stagediff.request import GenerateRequest
+
+        request = GenerateRequest.model_construct(model=job.model, settings=job.settings, seed=job.seed,
+                                                  negative_prompts=job.negative_prompts)  # fmt: skip
+        yield from request_items(request, job.source, store, job.start, job.stop)
+        return
+    from stagediff.batch import run_items
+
+    with open_source(store, job.source) as stream:
+        for row, item in run_items(stream, job.source.format, job.seed, job.settings, job.model, job.source.name):
+            if row.position < job.start:
+                continue
+            if row.position >= job.stop:
+                return
+            ids[item.index] = (row.id, row.line)
+            yield item
 
 
 def split(count: int, shares: int) -> list[range]:
@@ -161,8 +225,9 @@ def apply_devices(job: ReplicaJob) -> None:
 
 
 def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None) -> dict[str, Any]:
-    """Compute the share's items into the store; return, per item index, its store keys and sha256."""
-    from stagediff.engine import Item, build_engine
+    """Compute the share's items into the store, journaling each chunk's record as it goes (`Journal`); return a
+    small result (also written to the store): what each stage did, where it ran."""
+    from stagediff.engine import build_engine
     from stagediff.isolation import warm_up
 
     started = time.time()
@@ -173,15 +238,10 @@ def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None
         job.model, job.placement, job.store, work_dir, job.options, job.store_options,
         prefect_tasks=prefect_tasks, logger=logger or log,
     )  # fmt: skip
-    items = [Item(i.index, i.prompt, i.negative_prompt, i.seed, i.settings) for i in job.items]
-    keys = {item.index: engine.keys(item) for item in items}
-    sha256: dict[int, dict[str, str]] = {item.index: {} for item in items}
-
-    def on_stored(stage: str, refs: dict) -> None:
-        for index, ref in refs.items():
-            sha256[index][ref.kind] = ref.sha256
-
-    engine.run(items, keys, on_stored)
+    store = engine.ctx.open_store()
+    ids: dict[int, tuple[str, int | None]] = {}
+    journal = Journal(store, job.journal, ids)
+    engine.run(job_items(job, store, ids), on_stored=journal.stored, on_listed=journal.listed)
     result = {
         "replica": job.replica,
         "pid": os.getpid(),
@@ -190,21 +250,12 @@ def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None
         "threads": job.threads,
         "dtype": engine.ctx.dtype,
         "seconds": round(time.time() - started, 3),
-        "items": {str(index): {"keys": keys[index], "sha256": sha256[index]} for index in keys},
+        "items": [job.start, job.stop],
+        "segments": journal.seq,
         "stages": {name: info.to_dict() for name, info in engine.stages.items()},
     }
-    engine.ctx.open_store().write(job.result, json.dumps(result).encode())
+    store.write(job.result, json.dumps(result).encode())
     return result
-
-
-def replica_items(items: list, indexes: range) -> list[ReplicaItem]:
-    """The `engine.Item`s at `indexes` as a share's items."""
-    share = [items[n] for n in indexes]
-    return [
-        ReplicaItem(index=i.index, prompt=i.prompt, negative_prompt=i.negative_prompt, seed=i.seed,
-                    settings=i.settings)
-        for i in share
-    ]  # fmt: skip
 
 
 def run_local_replica(job: ReplicaJob) -> dict[str, Any]:

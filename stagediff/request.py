@@ -139,18 +139,28 @@ class Prompts(_Model):
             raise RequestError("prompts", f"{len(self.prompts)} prompts", allowed)
         return self
 
-    def texts(self) -> list[str]:
-        """The prompts, read from the file when they come by reference."""
-        return self.prompts if self.prompts is not None else read_prompts_file(self.file)
+    def source(self) -> dict[str, Any]:
+        """The request's prompts: the inline list, or the file checked in one streaming pass (`PromptsFile`)."""
+        if self.prompts is not None:
+            return {"prompts": self.prompts}
+        return {"prompts_file": checked_prompts_file(self.file)}
 
 
-def read_prompts_file(path: str) -> list[str]:
-    """One prompt a line; blank lines are skipped (and a UTF-8 byte order mark, as `batch` does)."""
-    text = read_text_file("prompts_file", path, "UTF-8 text file, one prompt a line")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise RequestError("prompts_file", path, "is empty: it must hold at least one prompt")
-    return prompts
+class PromptsFile(_Model):
+    """A prompts file as checked: where it was, its sha256 and how many prompts it holds (never the prompts)."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    count: int = Field(ge=1)
+
+
+def checked_prompts_file(path: str) -> PromptsFile:
+    """One prompt a line (lines end with "\n" alone); blank lines are skipped, and a UTF-8 byte order mark.
+    Every line is checked in one streaming pass; RequestError names a bad line."""
+    from stagediff.sources import check_prompts_file
+
+    count, sha256 = check_prompts_file(path)
+    return PromptsFile(path=str(Path(path).absolute()), sha256=sha256, count=count)
 
 
 class ImageSettings(_Model):
@@ -274,8 +284,9 @@ class Output(_Model):
 class GenerateRequest(_Model):
     """Everything that determines a run's images, checked before any model is loaded."""
 
-    prompts: list[StrictStr] = Field(description="Prompts, one image each.")
-    negative_prompts: list[StrictStr] | None = None
+    prompts: list[StrictStr] | None = Field(default=None, description="Prompts, one image each.")
+    prompts_file: PromptsFile | None = Field(default=None, description="Instead: a checked prompts file.")
+    negative_prompts: list[StrictStr] | None = None  # one per prompt, or one for every prompt
     seed: int = 0
     model: str = Field(description="Diffusers pipeline folder or Hub id.")
     settings: ImageSettings = Field(default_factory=ImageSettings)
@@ -283,11 +294,18 @@ class GenerateRequest(_Model):
     out: str = "outputs"
     run_id: str
 
+    @property
+    def count(self) -> int:
+        """How many images the request makes."""
+        return len(self.prompts) if self.prompts is not None else self.prompts_file.count
+
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> GenerateRequest:
-        if not self.prompts:
+        if self.prompts is not None and self.prompts_file is not None:
+            raise RequestError("prompts", self.prompts, "give prompts or a prompts file, one of them")
+        if self.prompts_file is None and not self.prompts:
             raise RequestError("prompts", self.prompts, ALLOWED["prompts"])
-        for i, prompt in enumerate(self.prompts):
+        for i, prompt in enumerate(self.prompts or []):
             if not prompt.strip() or "\x00" in prompt:
                 raise RequestError("prompts", self.prompts, f"prompt {i} must be non-empty text")
         for i, prompt in enumerate(self.negative_prompts or []):
@@ -297,13 +315,12 @@ class GenerateRequest(_Model):
                     self.negative_prompts,
                     f"negative prompt {i} must be text without NUL characters",
                 )
-        if self.negative_prompts is not None and len(self.negative_prompts) != len(self.prompts):
-            allowed = (
-                f"must hold one negative prompt per prompt ({len(self.prompts)}), not {len(self.negative_prompts)}"
-            )
+        if self.negative_prompts is not None and len(self.negative_prompts) not in (1, self.count):
+            allowed = f"must hold one negative prompt for every prompt, or one per prompt ({self.count})"
+            allowed += f", not {len(self.negative_prompts)}"
             raise RequestError("negative_prompts", self.negative_prompts, allowed)
-        if not 0 <= self.seed <= MAX_SEED - len(self.prompts):
-            raise RequestError("seed", self.seed, f"must be an integer from 0 to {MAX_SEED - len(self.prompts)}")
+        if not 0 <= self.seed <= MAX_SEED - self.count:
+            raise RequestError("seed", self.seed, f"must be an integer from 0 to {MAX_SEED - self.count}")
         if not _RUN_ID.fullmatch(self.run_id) or self.run_id in {".", ".."}:  # fullmatch: no trailing newline
             raise RequestError("run_id", self.run_id, ALLOWED["run_id"])
         if (info.context or {}).get("check_model", True):
@@ -571,8 +588,9 @@ def is_hub_snapshot(path: str | Path) -> bool:
     return path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
 
 
-def check_store(store: str | None, out: str) -> str:
-    """The store a run uses, STORE or OUT/.store by default (absolute), checked without creating anything."""
+def check_store(store: str | None, out: str, options: dict[str, Any] | None = None) -> str:
+    """The store a run uses, STORE or OUT/.store by default (absolute), checked without creating anything;
+    `options`: a URL store's fsspec storage options."""
     from stagediff.artifacts.store import is_url
 
     if store is None or store == "":
@@ -586,8 +604,8 @@ def check_store(store: str | None, out: str) -> str:
     import fsspec
 
     try:
-        fsspec.core.url_to_fs(store)
-    except (ValueError, ImportError) as exc:
+        fsspec.core.url_to_fs(store, **(options or {}))
+    except (ValueError, ImportError, TypeError) as exc:
         allowed = f"must be a folder or a URL of an installed fsspec filesystem ({type(exc).__name__}: {exc})"
         raise RequestError("store", store, allowed.splitlines()[0]) from None
     return store

@@ -1,97 +1,220 @@
-"""A `generate` run's record, `OUT/RUN/manifest.json`: the request, every item with its keys, files and
-sha256, and what each stage did (`Engine.stages`). Rewritten atomically after every stage of every chunk."""
+"""A run folder's bookkeeping: its record (`stagediff.record`), the files it links from the store, and
+its small summary (`manifest.json` of a `generate`, fan-out or launcher run, `batch.json` of a batch).
+
+    OUT/RUN/manifest.json      the summary: request, settings, counts, stages, the first items
+    OUT/RUN/record.db          every item, stage process and run (SQLite)
+    OUT/RUN/items.jsonl        every item, one JSON object a line (written when a run ends)
+    OUT/RUN/images/00042.png   links to the store's objects (embeddings/ and latents/ likewise)
+
+Writing the record of a chunk costs the same whatever the run's size; the summary is rewritten after every
+stage of every chunk and stays small.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import logging
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import stagediff
-from stagediff.artifacts import Store, read_manifest, write_manifest
-from stagediff.engine import Engine
-from stagediff.jobs import KIND_OF_STAGE, DenoiseSettings, ItemRef
-from stagediff.keys import model_hash
+from stagediff.artifacts import Store
+from stagediff.engine import Engine, Item, Stored
+from stagediff.jobs import KIND_OF_STAGE
+from stagediff.record import FIRST_ITEMS, FORMAT, SUFFIX, Record, is_old_format, item_row, read_summary, write_summary
 from stagediff.request import GenerateRequest, RequestError, check_writable
 
-# Each item lists its files by these fields (`image`, as in batch.json); `keys` and `sha256` go by store kind.
-FILE_FIELD = {"embeddings": "embeddings", "latents": "latents", "images": "image"}
-SUFFIX = {"embeddings": "safetensors", "latents": "safetensors", "images": "png"}
+SUMMARY_SECONDS = 2.0  # the summary is rewritten at most this often while a stage is under way (and at its end)
+log = logging.getLogger(__name__)
 
 
 def request_fields(request: GenerateRequest) -> dict[str, Any]:
     """What determines the run's outputs (the output location does not)."""
-    return request.model_dump(mode="json", exclude={"out", "run_id"})
+    fields = request.model_dump(mode="json", exclude={"out", "run_id"})
+    fields.pop("prompts_file" if fields.get("prompts_file") is None else "prompts", None)
+    return fields
 
 
-def new_manifest(request: GenerateRequest) -> dict[str, Any]:
-    return {
-        "run_id": request.run_id,
-        "model": request.model,
-        "stagediff_version": stagediff.__version__,
-        "status": "running",
-        "request": request_fields(request),
-        "items": [
-            {
-                "index": i,
-                "prompt": prompt,
-                "negative_prompt": request.negative_prompts[i] if request.negative_prompts is not None else None,
-                "seed": request.seed + i,
-                **{FILE_FIELD[kind]: f"{kind}/{i:05d}.{suffix}" for kind, suffix in SUFFIX.items()},
-                "sha256": dict.fromkeys(SUFFIX),
-            }
-            for i, prompt in enumerate(request.prompts)
-        ],
-        "stages": {},
-    }
+def identity(fields: dict[str, Any]) -> dict[str, Any]:
+    """A recorded request without where its prompts file was (its content counts)."""
+    if isinstance(fields.get("prompts_file"), dict):
+        fields = {**fields, "prompts_file": {k: v for k, v in fields["prompts_file"].items() if k != "path"}}
+    return fields
 
 
-def open_manifest(request: GenerateRequest) -> dict[str, Any]:
-    """The run's manifest: a new one, or the existing one if it describes this very request (a rerun)."""
+class RunFolder:
+    """One folder's record and summary, and the store's objects linked into it as stages store them."""
+
+    def __init__(self, folder: Path, layout: str, summary_name: str, base: dict[str, Any]) -> None:
+        """`layout`: "run" (images/00042.png, embeddings/, latents/) or "batch" (images/{id}.png);
+        `base`: what the summary says besides what the record counts."""
+        self.folder, self.layout, self.summary_path = folder, layout, folder / summary_name
+        self.record = Record(folder / ("record.db" if layout == "run" else "batch.db"), layout)
+        self.summary_base = dict(base)
+        self.engine: Engine | None = None
+        self.store: Store | None = None
+        self.ids: dict[int, tuple[str, int | None]] = {}  # batch: index -> (item id, line) of items in flight
+        self.last_summary = 0.0
+        self.extra: dict[str, Any] = {}
+        self.total: int | None = None  # items the run's request holds
+
+    # 1. A run
+
+    def start(self, engine: Engine | None, store: Store, total: int | None = None, **info: Any) -> int:
+        self.engine, self.store, self.total = engine, store, total
+        run = self.record.start_run({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                     "status": "running", **info})  # fmt: skip
+        self.summary_base.update(status="running")
+        self.summary_base.pop("error", None)
+        self.save(force=True)
+        return run
+
+    def item_id(self, index: int) -> tuple[str, int | None]:
+        """(file stem, line): 00042 for item 42 of a run, the item's id in a batch."""
+        if self.layout == "run":
+            return f"{index:05d}", None
+        return self.ids[index]
+
+    def on_listed(self, items: list[Item], keys: dict[int, dict[str, str]]) -> None:
+        """Items about to be worked on: their rows, with their keys (before any artifact of theirs is read)."""
+        self.listed_rows([item_row(item, keys[item.index], *self.item_id(item.index)) for item in items])
+
+    def listed_rows(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.ids[row["idx"]] = (row["id"], row["line"])
+        self.record.listed(rows)
+
+    def on_stored(self, stored: Stored) -> None:
+        """Link what a stage stored into the folder and record its sha256 and how it was made."""
+        refs = {i: (ref.key, ref.sha256, stored.made.get(i, "reused")) for i, ref in stored.refs.items()}
+        self.stored_refs(KIND_OF_STAGE[stored.stage], refs)
+
+    def stored_refs(self, kind: str, refs: dict[int, tuple[str, str, str]]) -> None:
+        """`refs`: item index -> (key, sha256, computed | reused | recomputed) of its `kind` artifact."""
+        if self.layout == "run" or kind == "images":
+            for index, (key, _, _) in refs.items():
+                name = self.item_id(index)[0]
+                self.store.materialize(kind, key, self.folder / kind / f"{name}.{SUFFIX[kind]}")
+        self.record.stored(kind, {self.item_id(i)[0]: (sha, made) for i, (_, sha, made) in refs.items()})
+        if kind == "images":
+            for index in refs:
+                self.ids.pop(index, None)
+        self.save(force=kind == "images")
+
+    def replay(self, segment: dict[str, Any]) -> int:
+        """Apply one segment of a replica's journal (`replica.Journal`); returns the images it adds."""
+        if "listed" in segment:
+            self.listed_rows(segment["listed"])
+            return 0
+        refs = {int(i): tuple(ref) for i, ref in segment["refs"].items()}
+        self.stored_refs(segment["kind"], refs)
+        return len(refs) if segment["kind"] == "images" else 0
+
+    def on_process(self, stage: str, entry: dict[str, Any]) -> None:
+        self.record.process(stage, entry)
+
+    def finish(self, status: str, error: str | None = None) -> dict[str, Any]:
+        """Close the run: the record, the summary, and items.jsonl (every item) beside them."""
+        self.record.finish(status, error)
+        self.summary_base.update(status=status)
+        if error is not None:
+            self.summary_base["error"] = error
+        else:
+            self.summary_base.pop("error", None)
+        summary = self.save(force=True, final=True)
+        if status == "completed":
+            self.record.export(self.folder / "items.jsonl")
+        return summary
+
+    def close(self) -> None:
+        self.record.close()  # its WAL is checkpointed into record.db and removed
+
+    # 2. The summary
+
+    def summary(self, final: bool = False) -> dict[str, Any]:
+        stages = {name: info.to_dict() for name, info in self.engine.stages.items()} if self.engine else {}
+        return {
+            "format": FORMAT,
+            **self.summary_base,
+            "stagediff_version": stagediff.__version__,
+            "total": self.total,
+            "counts": self.record.counts() if final else None,  # every item's status, when the run ends
+            "progress": self.record.progress(),
+            "stages": stages,
+            **self.extra,
+            "runs": self.record.runs(last=5),
+            "record": self.record.path.name,
+            "items_file": "items.jsonl",
+            "first_items": self.record.first(FIRST_ITEMS),
+        }
+
+    def save(self, force: bool = False, final: bool = False) -> dict[str, Any] | None:
+        """Rewrite the summary (at most every SUMMARY_SECONDS unless forced)."""
+        now = time.monotonic()
+        if not force and now - self.last_summary < SUMMARY_SECONDS:
+            return None
+        self.last_summary = now
+        summary = self.summary(final)
+        write_summary(self.summary_path, summary)
+        return summary
+
+    def hooks(self) -> dict[str, Callable]:
+        """The engine's callbacks for this folder."""
+        return {"on_stored": self.on_stored, "on_listed": self.on_listed, "on_process": self.on_process}
+
+
+def open_run(request: GenerateRequest) -> dict[str, Any] | None:
+    """Check that the run folder is free for this request: new, or holding this very request (a rerun). Returns
+    its summary when there is one; RequestError for a folder that holds another run, before any work."""
     run_dir = request.run_dir
     check_writable("out", request.out)
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         allowed = f"{run_dir} is a symbolic link or a file: a run writes only into a folder of its own"
         raise RequestError("run_id", request.run_id, allowed)
-    if not (run_dir / "manifest.json").exists():
-        return new_manifest(request)
-    manifest = read_manifest(run_dir)
-    if manifest.get("request") != request_fields(request):
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        summary = read_summary(path)
+    except (OSError, ValueError):
+        raise RequestError("run_id", request.run_id, f"{path} is unreadable: choose another run id") from None
+    if identity(summary_request(summary)) != identity(request_fields(request)):
         raise RequestError("run_id", request.run_id, f"{run_dir} already holds a different run; choose another run id")
-    return manifest
+    return summary
 
 
-def plan(
-    manifest: dict[str, Any], keys: dict[int, dict[str, str]], store: Store, settings: DenoiseSettings, engine: Engine
-) -> None:
-    """Start this run's bookkeeping: the resolved settings, the model's fingerprint (`model_hash`, checked by
-    `stagediff resume`), every item's content keys, the store, no stage yet."""
-    for item in manifest["items"]:
-        item["keys"] = keys[item["index"]]
-    manifest.update(settings=asdict(settings), dtype=engine.ctx.dtype, model_hash=model_hash(engine.identity),
-                    store=store.location, stages={})  # fmt: skip
+def summary_request(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The request a summary records, in today's shape (a format-1 manifest listed its prompts inline)."""
+    request = dict(summary.get("request") or {})
+    if is_old_format(summary):
+        request.pop("prompts_file", None)
+    return request
 
 
-def record(
-    manifest: dict[str, Any], run_dir: Path, store: Store, engine: Engine, stage: str, refs: dict[int, ItemRef]
-) -> None:
-    """Link the stage's artifacts into the run folder, note their sha256 and what each stage did; save."""
-    kind = KIND_OF_STAGE[stage]
-    for index, ref in refs.items():
-        item = manifest["items"][index]
-        store.materialize(kind, ref.key, run_dir / item[FILE_FIELD[kind]])
-        item["sha256"][kind] = ref.sha256
-    manifest["stages"] = {name: info.to_dict() for name, info in engine.stages.items()}
-    write_manifest(run_dir, manifest)
+def adopt_old_manifest(run_dir: Path, summary: dict[str, Any] | None) -> None:
+    """A run folder written before run records: its manifest is kept aside (manifest.v1.json) and the run goes on
+    with a new record; every artifact it had is in the store and is reused, nothing is computed again."""
+    if summary is None or not is_old_format(summary):
+        return
+    kept = run_dir / "manifest.v1.json"
+    if not kept.exists():
+        os.replace(run_dir / "manifest.json", kept)
+    log.warning("%s was written by an older stagediff: kept as %s; the run goes on with a new record (the "
+                "store's artifacts are reused)", run_dir / "manifest.json", kept.name)  # fmt: skip
 
 
-def gather(manifest: dict[str, Any], run_dir: Path, store: Store, results: list[dict[str, Any]]) -> None:
-    """Link every item the replicas computed into the run folder (in request order, by item index) and note
-    its keys and sha256; `results` are the replicas' (`replica.run_replica`)."""
-    for result in results:
-        for index, found in result["items"].items():
-            item = manifest["items"][int(index)]
-            item["keys"] = found["keys"]
-            for kind, key in found["keys"].items():
-                store.materialize(kind, key, run_dir / item[FILE_FIELD[kind]])
-                item["sha256"][kind] = found["sha256"][kind]
+def run_summary_base(request: GenerateRequest, source: Any, store: str, engine: Engine | None = None,
+                     **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """What a generate-style run's summary says besides its counts."""
+    from dataclasses import asdict
+
+    from stagediff.request import resolve_settings
+
+    base = {"run_id": request.run_id, "model": request.model, "request": request_fields(request),
+            "source": source.model_dump(), "store": store,
+            "settings": asdict(resolve_settings(request.settings, request.model))}  # fmt: skip
+    if engine is not None:
+        base.update(dtype=engine.ctx.dtype, model_hash=engine.model_hash)
+    return {**base, **extra}

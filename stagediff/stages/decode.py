@@ -74,5 +74,5 @@ def decode(job: DecodeJob) -> StageResult:
         for item, image in zip(batch, images, strict=True):
             record = store.save_png("images", item.key, image, png_text(ctx, item))
             done(result, ItemRef(item.index, "images", record.key, record.sha256))
-            log.info("wrote image %d", item.index)
+            log.debug("wrote image %d", item.index)
     return models.finish()

@@ -89,7 +89,7 @@ def denoise_batch(pipe, job: DenoiseJob, store: Store, batch: list[DenoiseItem],
 
     def on_step(pipe, step, timestep, callback_kwargs):
         if (step + 1) % every == 0 or step + 1 == settings.steps:
-            log.info("batch %d: step %d/%d", n, step + 1, settings.steps)
+            log.debug("batch %d: step %d/%d", n, step + 1, settings.steps)
         return callback_kwargs
 
     return pipe(

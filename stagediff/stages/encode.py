@@ -72,5 +72,5 @@ def encode(job: EncodeJob) -> StageResult:
                 meta["negative_prompt"] = item.negative_prompt
             record = store.save_tensors("embeddings", item.key, tensors, meta)
             done(result, ItemRef(item.index, "embeddings", record.key, record.sha256))
-        log.info("encoded %d prompts (%d so far)", len(batch), len(result.items))
+        log.debug("encoded %d prompts (%d so far)", len(batch), len(result.items))
     return models.finish()

@@ -1,0 +1,259 @@
+"""A run's record at any size: one SQLite database, written chunk by chunk, and a small summary beside it.
+
+`OUT/RUN/record.db` (a `generate`, fan-out or launcher run) and `STORE/batch.db` (a batch folder) hold
+one row per item (its prompt, seed, settings, content keys, sha256 of each artifact, status, and whether
+each stage computed or reused it), one row per stage process and one per run (each command or flow run
+over the folder). Writing a chunk's record is one transaction of that chunk's rows: it costs the same at
+item 10 and at item 999,990. Nothing is held in memory but the counts.
+
+The summary (`manifest.json`, `batch.json`) is derived from it after every stage of every chunk, bounded
+whatever the run's size: settings, counts, what each stage did, the first FIRST_ITEMS items. The full
+item list is `items.jsonl` beside it, one JSON object a line, written when a run ends (and at any time by
+`stagediff items FOLDER`). The database is in WAL mode, so readers (gc, `stagediff items`, a UI) never
+block the run; a crash loses at most the chunk in flight, whose artifacts are in the store anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from stagediff.artifacts import atomic_write_bytes
+
+FORMAT = 2  # of manifest.json / batch.json: 1 listed every item inline (stagediff 0.1 before run records)
+FIRST_ITEMS = 100  # items the summary lists; items.jsonl lists them all
+KINDS = ("embeddings", "latents", "images")
+SUFFIX = {"embeddings": "safetensors", "latents": "safetensors", "images": "png"}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,          -- file stem of its artifacts (generate: 00042; batch: the item id)
+    idx INTEGER NOT NULL,         -- its place in the request (generate's prompt i, batch's position)
+    line INTEGER,                 -- batch: its line in the prompts file
+    prompt TEXT NOT NULL,
+    negative_prompt TEXT,
+    seed INTEGER NOT NULL,
+    settings TEXT NOT NULL,       -- JSON: the resolved settings it is made with
+    key_embeddings TEXT, key_latents TEXT, key_images TEXT,
+    sha_embeddings TEXT, sha_latents TEXT, sha_images TEXT,
+    made_embeddings TEXT, made_latents TEXT, made_images TEXT,  -- computed | reused | recomputed (damaged)
+    status TEXT NOT NULL,         -- pending | done | failed | removed (batch: no longer in the file)
+    run INTEGER,                  -- the run that recorded its image
+    seen INTEGER,                 -- the last run that listed it
+    updated REAL
+);
+CREATE INDEX IF NOT EXISTS items_idx ON items (idx);
+CREATE INDEX IF NOT EXISTS items_updated ON items (updated);
+CREATE TABLE IF NOT EXISTS runs (run INTEGER PRIMARY KEY, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS processes (run INTEGER, stage TEXT, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Record:
+    """A run folder's item record (see the module docstring); one writer at a time (the folder's run)."""
+
+    def __init__(self, path: str | Path, layout: str) -> None:
+        """`layout`: "run" (images/00042.png, embeddings/..., latents/...) or "batch" (images/{id}.png)."""
+        self.path, self.layout = Path(path), layout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # commits survive a crash of the process, not of the OS
+        self.db.executescript(SCHEMA)
+        self.run = 0
+        self.tally = {"listed": 0, "done": 0, "computed": 0}  # this run's, kept as it goes (no scan per chunk)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # 1. Writing: a run, a chunk's rows, what each stage stored
+
+    def start_run(self, info: dict[str, Any]) -> int:
+        """A new run over this record; returns its number."""
+        (last,) = self.db.execute("SELECT COALESCE(MAX(run), 0) FROM runs").fetchone()
+        self.run = last + 1
+        self.db.execute("INSERT INTO runs VALUES (?, ?)", (self.run, json.dumps({"run": self.run, **info})))
+        return self.run
+
+    def update_run(self, **fields: Any) -> dict[str, Any]:
+        info = {**self.run_info(self.run), **fields}
+        self.db.execute("UPDATE runs SET info = ? WHERE run = ?", (json.dumps(info), self.run))
+        return info
+
+    def run_info(self, run: int) -> dict[str, Any]:
+        row = self.db.execute("SELECT info FROM runs WHERE run = ?", (run,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def runs(self, last: int | None = None) -> list[dict[str, Any]]:
+        query = "SELECT info FROM runs ORDER BY run" + ("" if last is None else f" DESC LIMIT {int(last)}")
+        found = [json.loads(info) for (info,) in self.db.execute(query)]
+        return found if last is None else found[::-1]
+
+    def set_meta(self, **values: Any) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                [(name, json.dumps(value)) for name, value in values.items()],
+            )
+
+    def meta(self) -> dict[str, Any]:
+        return {name: json.loads(value) for name, value in self.db.execute("SELECT name, value FROM meta")}
+
+    def listed(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Items about to be worked on (their keys known): new ones pending, known ones kept as they are
+        when their image key is unchanged, else pending again. One transaction."""
+        t = time.time()
+        rows = list(rows)
+        self.tally["listed"] += len(rows)
+        with self.db:
+            self.db.executemany(
+                """INSERT INTO items (id, idx, line, prompt, negative_prompt, seed, settings, key_embeddings,
+                       key_latents, key_images, status, seen, updated)
+                   VALUES (:id, :idx, :line, :prompt, :negative_prompt, :seed, :settings, :key_embeddings,
+                       :key_latents, :key_images, 'pending', :seen, :updated)
+                   ON CONFLICT(id) DO UPDATE SET idx = excluded.idx, line = excluded.line, seen = excluded.seen,
+                       prompt = excluded.prompt, negative_prompt = excluded.negative_prompt, seed = excluded.seed,
+                       settings = excluded.settings, key_embeddings = excluded.key_embeddings,
+                       key_latents = excluded.key_latents, updated = excluded.updated,
+                       status = CASE WHEN items.key_images IS excluded.key_images AND items.status IN
+                           ('done', 'removed') THEN 'done' ELSE 'pending' END,
+                       sha_images = CASE WHEN items.key_images IS excluded.key_images THEN items.sha_images END,
+                       key_images = excluded.key_images""",
+                [{**row, "seen": self.run, "updated": t} for row in rows],
+            )
+
+    def stored(self, kind: str, made: dict[str, tuple[str, str]]) -> None:
+        """`made`: item id -> (sha256, computed | reused | recomputed) of its `kind` artifact; an image makes
+        the item done (by this run). One transaction."""
+        t = time.time()
+        if kind == "images":
+            self.tally["done"] += len(made)
+            self.tally["computed"] += sum(m != "reused" for _, m in made.values())
+        sha, how = f"sha_{kind}", f"made_{kind}"
+        done = ", status = 'done', run = :run" if kind == "images" else ""
+        with self.db:
+            self.db.executemany(
+                f"UPDATE items SET {sha} = :sha, {how} = :made, updated = :t{done} WHERE id = :id",
+                [{"id": i, "sha": s, "made": m, "t": t, "run": self.run} for i, (s, m) in made.items()],
+            )
+
+    def process(self, stage: str, info: dict[str, Any]) -> None:
+        self.db.execute("INSERT INTO processes VALUES (?, ?, ?)", (self.run, stage, json.dumps(info)))
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Close this run: its pending items failed (with `error`), its items listed by no run removed."""
+        with self.db:
+            if status == "failed":
+                self.db.execute("UPDATE items SET status = 'failed' WHERE status = 'pending' AND seen = ?",
+                                (self.run,))  # fmt: skip
+            if status == "completed" and self.layout == "batch":
+                self.db.execute("UPDATE items SET status = 'removed' WHERE seen < ? AND status != 'removed'",
+                                (self.run,))  # fmt: skip
+        counts = self.counts()
+        self.update_run(status=status, finished=now(), computed=counts["computed_by_this_run"], done=counts["done"],
+                        **({"error": error} if error else {}))  # fmt: skip
+
+    # 2. Reading: counts, the first and latest items, every item as JSON, every key
+
+    def progress(self) -> dict[str, int]:
+        """This run's counts so far, without reading the table: items listed, images stored, computed."""
+        return {"items_so_far": self.tally["listed"], "images_so_far": self.tally["done"],
+                "computed_so_far": self.tally["computed"]}  # fmt: skip
+
+    def counts(self) -> dict[str, int]:
+        """Every item's status (one pass over the table: when a run ends)."""
+        found = dict(self.db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall())
+        counts = {status: found.get(status, 0) for status in ("done", "pending", "failed", "removed")}
+        (made,) = self.db.execute("SELECT COUNT(*) FROM items WHERE run = ? AND made_images = 'computed'",
+                                  (self.run,)).fetchone()  # fmt: skip
+        return {"items": sum(v for k, v in counts.items() if k != "removed"), **counts, "computed_by_this_run": made}
+
+    def items(self, where: str = "", args: tuple = (), order: str = "idx", limit: int | None = None) -> Iterator[dict]:
+        query = f"SELECT * FROM items {where} ORDER BY {order}" + ("" if limit is None else f" LIMIT {int(limit)}")
+        cursor = self.db.execute(query, args)
+        names = [d[0] for d in cursor.description]
+        for row in cursor:
+            yield self.entry(dict(zip(names, row, strict=True)))
+
+    def first(self, n: int = FIRST_ITEMS) -> list[dict[str, Any]]:
+        return list(self.items("WHERE status != 'removed'", limit=n))
+
+    def latest(self, n: int) -> list[dict[str, Any]]:
+        """The items most recently recorded done."""
+        return list(self.items("WHERE status = 'done'", order="updated DESC, idx DESC", limit=n))
+
+    def entry(self, row: dict[str, Any]) -> dict[str, Any]:
+        """An item as the summary and items.jsonl show it."""
+        files = {"image": f"images/{row['id']}.png"}
+        if self.layout == "run":
+            files.update(embeddings=f"embeddings/{row['id']}.safetensors", latents=f"latents/{row['id']}.safetensors")
+        entry = {"index": row["idx"], "id": row["id"]}
+        if row["line"] is not None:
+            entry["line"] = row["line"]
+        return {
+            **entry,
+            "prompt": row["prompt"],
+            "negative_prompt": row["negative_prompt"],
+            "seed": row["seed"],
+            "settings": json.loads(row["settings"]),
+            **files,
+            "keys": {kind: row[f"key_{kind}"] for kind in KINDS},
+            "sha256": {kind: row[f"sha_{kind}"] for kind in KINDS},
+            "made": {kind: row[f"made_{kind}"] for kind in KINDS},
+            "status": row["status"],
+            "run": row["run"],
+        }
+
+    def keys(self) -> Iterator[str]:
+        """Every content key the record holds (gc keeps their artifacts)."""
+        for row in self.db.execute("SELECT key_embeddings, key_latents, key_images FROM items"):
+            yield from (key for key in row if key)
+
+    def export(self, path: Path) -> Path:
+        """items.jsonl: every item in request order (removed ones last), written atomically."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for where in ("WHERE status != 'removed'", "WHERE status = 'removed'"):
+                    for entry in self.items(where):
+                        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+def item_row(item: Any, keys: dict[str, str], item_id: str, line: int | None = None) -> dict[str, Any]:
+    """The row of an engine `Item` (before its stages)."""
+    from dataclasses import asdict
+
+    return {"id": item_id, "idx": item.index, "line": line, "prompt": item.prompt,
+            "negative_prompt": item.negative_prompt, "seed": item.seed,
+            "settings": json.dumps(asdict(item.settings), separators=(",", ":")),
+            **{f"key_{kind}": keys[kind] for kind in KINDS}}  # fmt: skip
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> Path:
+    atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+    return path
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def is_old_format(summary: dict[str, Any]) -> bool:
+    """A summary written before run records (format 1): every item listed inline, no record beside it."""
+    return summary.get("format") != FORMAT
