@@ -1,0 +1,245 @@
+"""Runs of any size: a record whose cost per chunk does not grow, streamed and checked inputs, gc that keeps
+what running runs need, cancel that ends a large run promptly, old run folders read or refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stagediff.record import Record, item_row, write_summary
+
+ARGS = ["--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "8", "--batch-size", "4"]
+
+
+def stagediff(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stagediff.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)  # fmt: skip
+
+
+def server_env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def written_bytes() -> int:
+    """Bytes this process has handed to write() so far (Linux)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar in /proc/self/io")
+
+
+@dataclass(frozen=True)
+class FakeSettings:
+    steps: int = 1
+    height: int = 64
+    width: int = 64
+
+
+@dataclass(frozen=True)
+class FakeItem:
+    index: int
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    settings: FakeSettings
+
+
+def write_chunk(record: Record, summary: Path, start: int, size: int = 64) -> None:
+    """One chunk's bookkeeping as a run does it: its rows, then each stage's artifacts, then the summary."""
+    rows, made = [], {}
+    for i in range(start, start + size):
+        keys = {kind: f"{kind[0]}{i:063d}" for kind in ("embeddings", "latents", "images")}
+        rows.append(item_row(FakeItem(i, f"a photo of item {i}", None, i, FakeSettings()), keys, f"{i:05d}"))
+        made[f"{i:05d}"] = (f"{i:064x}", "computed")
+    record.listed(rows)
+    for kind in ("embeddings", "latents", "images"):
+        record.stored(kind, made)
+    write_summary(summary, {"progress": record.progress(), "first_items": record.first(100)})
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes through /proc/self/io (Linux)")
+def test_the_record_of_a_chunk_costs_the_same_at_item_1000_and_at_item_200000(tmp_path: Path) -> None:
+    record = Record(tmp_path / "record.db", "run")
+    record.start_run({"status": "running"})
+    summary = tmp_path / "manifest.json"
+    costs = {}
+    for at in (1_000, 200_000):
+        start = len(costs) and 1_000 + 64 * 10
+        while start < at:  # fill the record up to `at` items, as a run would
+            write_chunk(record, summary, start)
+            start += 64
+        before = written_bytes()
+        for n in range(10):
+            write_chunk(record, summary, at + 64 * n)
+        costs[at] = (written_bytes() - before) / 10
+    # SQLite's WAL checkpoints come every ~1000 pages: averaged over 10 chunks, a small constant apart
+    assert costs[200_000] < 1.3 * costs[1_000] + 16_384, costs
+    assert summary.stat().st_size < 200_000  # the summary does not grow with the run either
+    assert record.progress()["images_so_far"] > 200_000
+
+
+def test_a_200000_line_file_with_a_bad_line_near_its_end_is_refused_naming_it_before_any_stage(
+    tmp_path: Path,
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    with prompts.open("w", encoding="utf-8") as f:
+        for i in range(200_000):
+            f.write(json.dumps({"prompt": f"item {i}", "steps": 1 if i != 199_990 else 0}) + "\n")
+    store = tmp_path / "store"
+    started = time.monotonic()
+    proc = stagediff("batch", str(prompts), "--store", str(store), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "line 199991, column steps: invalid value 0: must be an integer from 1 to 1000" in proc.stderr
+    assert "1 problem(s)" in proc.stderr and not store.exists()
+    assert time.monotonic() - started < 60
+
+    text = tmp_path / "prompts.txt"
+    with text.open("w", encoding="utf-8") as f:
+        f.writelines(f"item {i}\n" if i != 199_995 else "a\x00b\n" for i in range(200_000))
+    proc = stagediff("generate", "--prompts-file", str(text), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 2 and "line 199996 holds a NUL character" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_lines_end_with_newline_alone_unicode_separators_stay_in_their_prompt(tmp_path: Path) -> None:
+    from stagediff.batch import read_batch_file
+    from stagediff.sources import check_prompts_file
+
+    separators = "\u2028\u2029\u0085\x0b\x0c"
+    text = tmp_path / "p.txt"
+    text.write_text("".join(f"before{s}after\n" for s in separators) + "last\r\n", encoding="utf-8")
+    assert check_prompts_file(text)[0] == len(separators) + 1
+    items = read_batch_file(text, seed=3)
+    assert [i.prompt for i in items] == [f"before{s}after" for s in separators] + ["last"]
+    assert [i.seed for i in items] == list(range(3, 3 + len(separators) + 1))
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "raw\u2028separator"}\n', encoding="utf-8")
+    assert [i.prompt for i in read_batch_file(jsonl, seed=0)] == ["raw\u2028separator"]
+
+
+def test_a_sigterm_ends_a_large_batch_within_10_s_recorded_cancelled(
+    prefect_server, tiny_model: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"item {i}\n" for i in range(200_000)), encoding="utf-8")
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "stagediff.cli", "batch", str(prompts), "--store", str(store),
+           "--model", str(tiny_model), *ARGS]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((store / "images").glob("*.png"))[:1] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert list((store / "images").glob("*.png")), "no image within 5 minutes"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        exited = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((store / "batch.json").read_text())
+    assert summary["status"] == "cancelled" and summary["runs"][-1]["status"] == "cancelled"
+    done = summary["counts"]["done"]
+    assert 0 < done < 200_000 and done == len(list((store / "images").glob("*.png")))
+    assert exited < 10, (exited, proc.stdout.read()[-3000:])
+
+
+def test_gc_during_a_running_batch_that_reuses_old_artifacts_deletes_nothing_it_needs(
+    prefect_server, tiny_model: Path, tmp_path: Path
+) -> None:
+    from stagediff.artifacts import Store
+    from stagediff.collect import collect_garbage
+
+    prompts, store = tmp_path / "prompts.txt", tmp_path / "batch"
+    prompts.write_text("".join(f"item {i}\n" for i in range(8)), encoding="utf-8")
+    common = [str(prompts), "--store", str(store), "--model", str(tiny_model), *ARGS, "--chunk-size", "4"]
+    first = stagediff("batch", *common, env=server_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.name: read_image(p) for p in (store / "images").glob("*.png")}
+    # the batch folder's items are gone, the store's artifacts are old: only the running run protects them
+    (store / "batch.json").unlink()
+    (store / "batch.db").unlink()
+    (store / "items.jsonl").unlink()
+    old = time.time() - 30 * 86400
+    for path in (store / ".store" / "objects").rglob("*"):
+        os.utime(path, (old, old))
+    with prompts.open("a", encoding="utf-8") as f:
+        f.write("".join(f"more {i}\n" for i in range(4)))
+    env = {**server_env(), "STAGEDIFF_TEST_BATCH_DELAY": "0.5"}
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "stagediff.cli", "batch", *common], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    removed = []
+    try:
+        while proc.poll() is None and not any(
+            e["registered"] > started for e in Store(store / ".store").runs().values()
+        ):
+            time.sleep(0.1)  # until the run is a root: gc may remove what no run references before that
+        while proc.poll() is None:
+            removed += collect_garbage(Store(store / ".store"), older_than=0).removed
+            removed += collect_garbage(Store(store / ".store"), older_than=7 * 86400).removed
+            time.sleep(0.3)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "4 computed, 8 done before" in output, output[-1500:]
+    assert not [name for name in removed if "/images/" in name or "/latents/" in name], removed
+    for name, image in before.items():
+        np.testing.assert_array_equal(read_image(store / "images" / name), image)
+    assert len(list((store / "images").glob("*.png"))) == 12
+
+
+def test_an_old_format_run_folder_is_resumed_and_a_garbled_one_refused_in_one_line(
+    prefect_server, tiny_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    common = ["--model", str(tiny_model), *ARGS, "--out", str(out), "--seed", "5"]
+    plain = stagediff("generate", "--prompt", "a dog", "--prompt", "a cat", *common, "--run-id", "new",
+                      env=server_env())  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    summary = json.loads((out / "new" / "manifest.json").read_text())
+    # a run folder as stagediff wrote it before run records: every item inline, no record
+    old_dir = out / "old"
+    old_dir.mkdir()
+    items = [json.loads(line) for line in (out / "new" / "items.jsonl").read_text().splitlines()]
+    old = {"run_id": "old", "model": summary["model"], "status": "running", "request": summary["request"],
+           "items": [{"index": i["index"], "prompt": i["prompt"], "seed": i["seed"], "image": i["image"],
+                      "keys": i["keys"], "sha256": dict.fromkeys(i["keys"])} for i in items],
+           "stages": {}, "store": summary["store"], "model_hash": summary["model_hash"]}  # fmt: skip
+    (old_dir / "manifest.json").write_text(json.dumps(old))
+    resumed = stagediff("resume", str(old_dir), env=server_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (old_dir / "manifest.v1.json").exists()
+    again = json.loads((old_dir / "manifest.json").read_text())
+    assert again["format"] == 2 and again["status"] == "completed" and again["counts"]["done"] == 2
+    assert again["counts"]["computed_by_this_run"] == 0  # every image was in the store
+    for name in ("00000.png", "00001.png"):
+        np.testing.assert_array_equal(read_image(old_dir / "images" / name), read_image(out / "new" / "images" / name))
+
+    garbled = out / "garbled"
+    garbled.mkdir()
+    (garbled / "manifest.json").write_text('{"items": [')
+    refused = stagediff("resume", str(garbled))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "must be a run folder holding a manifest.json written by stagediff" in refused.stderr
