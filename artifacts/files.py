@@ -90,8 +90,31 @@ def canonical_safetensors(data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def png_metadata(data: bytes) -> dict[str, str]:
-    """The text chunks of a PNG; ValueError if it is not one."""
+    """The text chunks of a PNG; ValueError if it is not one. Plain tEXt chunks are read directly (a done-check
+    of a million images must not decode each one); compressed or international ones through Pillow."""
+    if data[:8] == PNG_SIGNATURE:
+        text, at = {}, 8
+        while at + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[at : at + 8])
+            chunk = data[at + 8 : at + 8 + length]
+            if len(chunk) != length:
+                break  # truncated: Pillow says what is wrong
+            if kind in (b"iTXt", b"zTXt"):
+                return _png_metadata_pillow(data)
+            if kind == b"tEXt":
+                key, _, value = chunk.partition(b"\0")
+                text[key.decode("latin-1")] = value.decode("latin-1")
+            if kind == b"IEND":
+                return text
+            at += 12 + length
+    return _png_metadata_pillow(data)
+
+
+def _png_metadata_pillow(data: bytes) -> dict[str, str]:
     from PIL import Image, UnidentifiedImageError
 
     try:

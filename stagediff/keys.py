@@ -190,12 +190,24 @@ def item_keys(
     return {"embeddings": embeddings, "latents": latents, "images": image}
 
 
+def no_accelerator() -> bool:
+    """True on a Linux machine that shows no NVIDIA, AMD (ROCm) or other DRM accelerator device at all."""
+    if not sys.platform.startswith("linux"):
+        return False
+    from stagediff.request import visible_gpus
+
+    devices = Path("/dev")
+    return not visible_gpus() and not (devices / "kfd").exists() and not list(devices.glob("dri/renderD*"))
+
+
 @functools.cache
 def resolve_dtype(dtype: str) -> str:
     """The dtype the stages will use ("auto" depends on the machine): asked of a stage process, never torch here
     (unless this process descends from the stage forkserver: torch imported, CUDA asked of NVML only)."""
     if dtype != "auto":
         return dtype
+    if no_accelerator():  # without a GPU: float32, known without waiting for torch to import
+        return "float32"
     if "stagediff.preload" in sys.modules:  # e.g. a fan-out's local replica: no process to start
         from stagediff.stages.devices import dtype_name
 
