@@ -170,8 +170,12 @@ class Engine:
         progress: Progress | None = None,
         on_process: Callable[[str, dict[str, Any]], None] | None = None,
         on_listed: Callable[[list[Item], dict[int, dict[str, str]]], None] | None = None,
+        known: Callable[[Item, dict[str, str]], bool] | None = None,
     ) -> None:
         """Every item's artifacts into the store, the items taken one at a time as they come.
+
+        `known(item, keys)`: True for an item the caller's record holds done with these keys, its image checked
+        (a rerun's done items cost a record look-up, not a store read); they are only listed again.
 
         `on_listed(items, keys)`: before a chunk's stages (and before items found done are reported), so the
         caller records the items and their keys first; `on_stored(stored)`: after each stage of each chunk
@@ -185,8 +189,15 @@ class Engine:
         pending: list[Item] = []
         keys: dict[int, dict[str, str]] = {}
         done: list[tuple[Item, ItemRef]] = []
+        already: list[Item] = []
         for item in items:
             keys[item.index] = self.keys(item)
+            if known is not None and known(item, keys[item.index]):
+                already.append(item)
+                if len(already) >= DONE_BATCH:
+                    self.report_known(already, keys, progress)
+                    already = []
+                continue
             ref = self.image_in_store(store, item, keys[item.index])
             if ref is not None:
                 done.append((item, ref))
@@ -208,6 +219,7 @@ class Engine:
                                      size, 100 * MAX_RELOAD_SHARE)  # fmt: skip
                 chunk_size = size
         self.report_done(done, keys, on_stored, progress)
+        self.report_known(already, keys, progress)
         if pending:
             self.run_chunk(order_by_group(pending), keys, f"chunk {n + 1}", on_stored, progress)
 
@@ -222,6 +234,16 @@ class Engine:
             self.stages.setdefault("decode", StageRecord()).damaged += 1
             return None
         return None if record is None else ItemRef(item.index, "images", keys["images"], record.sha256)
+
+    def report_known(self, items: list[Item], keys: dict[int, dict[str, str]], progress: Progress) -> None:
+        """Items the caller's record holds done: listed again (this run saw them), reused by every stage."""
+        if not items:
+            return
+        if self.on_listed is not None:
+            self.on_listed(items, keys)
+        for stage in STAGES:
+            self.stages.setdefault(stage, StageRecord()).reused += len(items)
+        progress.reused(len(items))
 
     def report_done(
         self,

@@ -147,6 +147,13 @@ class Record:
                 [{"id": i, "sha": s, "made": m, "t": t, "run": self.run} for i, (s, m) in made.items()],
             )
 
+    def done_image(self, item_id: str, key: str) -> str | None:
+        """The recorded sha256 of an item's image when the record holds it done (or removed) under `key`."""
+        row = self.db.execute("SELECT key_images, sha_images, status FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row and row[0] == key and row[1] and row[2] in ("done", "removed"):
+            return row[1]
+        return None
+
     def process(self, stage: str, info: dict[str, Any]) -> None:
         self.db.execute("INSERT INTO processes VALUES (?, ?, ?)", (self.run, stage, json.dumps(info)))
 
