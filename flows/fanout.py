@@ -13,6 +13,7 @@ only what the store lacks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from stagediff.flows.running import (
     store_request,
 )
 from stagediff.flows.ui import label_flow_run, model_tag, run_artifacts
-from stagediff.isolation import StageError, run_isolated, warm_up
+from stagediff.isolation import StageError, kill_isolated, run_isolated, warm_up
 from stagediff.progress import Progress
 from stagediff.replica import ReplicaJob, plan_replicas, split
 from stagediff.request import (
@@ -122,9 +123,16 @@ def run_replicas(
                 cursors[job.replica] += 1
 
     pending = list(futures.values())
-    while pending:
-        pending = list(wait(pending, timeout=GATHER_SECONDS).not_done)
-        gather()
+    try:
+        while pending:
+            pending = list(wait(pending, timeout=GATHER_SECONDS).not_done)
+            gather()
+    except BaseException:  # cancelled or interrupted: stop the local replicas now, keep what they stored
+        killed = kill_isolated()
+        get_run_logger().warning("stopped %d local replica process(es); what they stored is in the store", killed)
+        with contextlib.suppress(Exception):
+            gather()
+        raise
     results, entries, failed = [], [], []
     for job in jobs:
         entry = {"replica": job.replica, "devices": job.devices, "cpus": job.cpus, "threads": job.threads,

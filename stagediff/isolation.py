@@ -224,6 +224,22 @@ def _main_module_hidden() -> Iterator[None]:
             del main.__spec__
 
 
+_live: set[Any] = set()  # the processes run_isolated is waiting for, across threads
+_live_lock = threading.Lock()
+
+
+def kill_isolated() -> int:
+    """Kill every process that run_isolated calls of this process are waiting for (their own children follow:
+    each watches its parent); the calls then raise StageError. For a cancelled run whose waits are in other
+    threads (a fan-out's replicas). Returns how many were killed."""
+    with _live_lock:
+        alive = [p for p in _live if p.is_alive()]
+    for process in alive:
+        with contextlib.suppress(Exception):
+            process.kill()
+    return len(alive)
+
+
 def run_isolated(
     target: str,
     *args: Any,
@@ -247,6 +263,8 @@ def run_isolated(
     t0 = time.time()
     with _main_module_hidden():
         process.start()
+    with _live_lock:
+        _live.add(process)
     send.close()
     alive_recv.close()
     started, peak_rss_mb, cuda_mb, outcome = t0, 0.0, None, None
@@ -268,6 +286,8 @@ def run_isolated(
                 outcome = message
         process.join()
     finally:
+        with _live_lock:
+            _live.discard(process)
         alive_send.close()  # tells the child's watchdog to exit if it is still there
         if process.is_alive():
             process.kill()
