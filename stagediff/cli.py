@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_options(resume)
 
+    items = commands.add_parser("items", help="every item of a run or batch folder, one JSON object a line")
+    items.add_argument("folder", metavar="FOLDER", help="a run folder (OUT/RUN) or a batch folder (its --store)")
+    items.add_argument("--status", choices=["done", "pending", "failed", "removed"], help="only items in this state")
+
     clean = commands.add_parser("gc", help="remove the artifacts of a store that no kept run references")
     clean.add_argument("store", metavar="STORE", help="the store: a folder or fsspec URL")
     clean.add_argument("--older-than", default="7d", help="only artifacts at least this old: 7d, 12h, 30m, 0s")
@@ -461,6 +465,28 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_items(args: argparse.Namespace) -> int:
+    """Stream a folder's items from its record (also while its run goes on)."""
+    from stagediff.record import Record
+
+    folder = Path(args.folder)
+    found = [(folder / name, layout) for name, layout in (("record.db", "run"), ("batch.db", "batch"))]
+    found = [(path, layout) for path, layout in found if path.is_file()]
+    if not found:
+        allowed = "must be a run folder or a batch folder holding a record.db or batch.db written by stagediff"
+        raise RequestError("folder", args.folder, allowed)
+    record = Record(*found[0])
+    try:
+        where, arguments = ("WHERE status = ?", (args.status,)) if args.status else ("", ())
+        for entry in record.items(where, arguments):
+            sys.stdout.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    except BrokenPipeError:  # `stagediff items ... | head`
+        pass
+    finally:
+        record.close()
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     check_new_folder("dir", args.dir)
     if not 0 <= args.seed <= MAX_SEED:
@@ -475,7 +501,8 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
-        "generate": cmd_generate, "batch": cmd_batch, "resume": cmd_resume, "gc": cmd_gc, "tiny-model": cmd_tiny_model
+        "generate": cmd_generate, "batch": cmd_batch, "resume": cmd_resume, "gc": cmd_gc, "items": cmd_items,
+        "tiny-model": cmd_tiny_model,
     }  # fmt: skip
     try:
         return commands[args.command](args)

@@ -234,6 +234,8 @@ def test_an_old_format_run_folder_is_resumed_and_a_garbled_one_refused_in_one_li
     again = json.loads((old_dir / "manifest.json").read_text())
     assert again["format"] == 2 and again["status"] == "completed" and again["counts"]["done"] == 2
     assert again["counts"]["computed_by_this_run"] == 0  # every image was in the store
+    listed = stagediff("items", str(old_dir), "--status", "done")
+    assert [json.loads(line)["index"] for line in listed.stdout.splitlines()] == [0, 1], listed.stderr
     for name in ("00000.png", "00001.png"):
         np.testing.assert_array_equal(read_image(old_dir / "images" / name), read_image(out / "new" / "images" / name))
 
