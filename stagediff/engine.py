@@ -156,6 +156,7 @@ class Engine:
     stages: dict[str, StageRecord] = field(default_factory=dict)  # a stage appears once it has been checked
     on_process: Callable[[str, dict[str, Any]], None] | None = None
     on_listed: Callable[[list[Item], dict[int, dict[str, str]]], None] | None = None
+    on_known: Callable[[list[Item]], None] | None = None
 
     def keys(self, item: Item) -> dict[str, str]:
         return item_keys(
@@ -171,11 +172,13 @@ class Engine:
         on_process: Callable[[str, dict[str, Any]], None] | None = None,
         on_listed: Callable[[list[Item], dict[int, dict[str, str]]], None] | None = None,
         known: Callable[[Item, dict[str, str]], bool] | None = None,
+        on_known: Callable[[list[Item]], None] | None = None,
     ) -> None:
         """Every item's artifacts into the store, the items taken one at a time as they come.
 
         `known(item, keys)`: True for an item the caller's record holds done with these keys, its image checked
-        (a rerun's done items cost a record look-up, not a store read); they are only listed again.
+        (a rerun's done items cost a record look-up, not a store read); `on_known(items)` is all that is said
+        of them.
 
         `on_listed(items, keys)`: before a chunk's stages (and before items found done are reported), so the
         caller records the items and their keys first; `on_stored(stored)`: after each stage of each chunk
@@ -183,7 +186,7 @@ class Engine:
         entry)`: each stage process, as it ends.
         """
         progress = progress or Progress(0)
-        self.on_process, self.on_listed = on_process, on_listed
+        self.on_process, self.on_listed, self.on_known = on_process, on_listed, on_known
         store = self.ctx.open_store()
         chunk_size, n = self.chunk_size or FIRST_CHUNK, 0
         pending: list[Item] = []
@@ -196,6 +199,8 @@ class Engine:
                 already.append(item)
                 if len(already) >= DONE_BATCH:
                     self.report_known(already, keys, progress)
+                    for item in already:
+                        del keys[item.index]
                     already = []
                 continue
             ref = self.image_in_store(store, item, keys[item.index])
@@ -203,13 +208,16 @@ class Engine:
                 done.append((item, ref))
                 if len(done) >= DONE_BATCH:
                     self.report_done(done, keys, on_stored, progress)
+                    for item, _ in done:
+                        del keys[item.index]
                     done = []
                 continue
             pending.append(item)
             if len(pending) < chunk_size:
                 continue
-            self.report_done(done, keys, on_stored, progress)
-            done, n = [], n + 1
+            self.report_done(done, keys, on_stored, progress)  # every item before the chunk is reported: then
+            self.report_known(already, keys, progress)  # the keys of the chunk's items are the only ones left
+            done, already, n = [], [], n + 1
             measured = self.run_chunk(order_by_group(pending), keys, f"chunk {n}", on_stored, progress)
             pending, keys = [], {}
             if self.chunk_size is None and measured:
@@ -239,8 +247,8 @@ class Engine:
         """Items the caller's record holds done: listed again (this run saw them), reused by every stage."""
         if not items:
             return
-        if self.on_listed is not None:
-            self.on_listed(items, keys)
+        if self.on_known is not None:
+            self.on_known(items)
         for stage in STAGES:
             self.stages.setdefault(stage, StageRecord()).reused += len(items)
         progress.reused(len(items))

@@ -15,6 +15,7 @@ block the run; a crash loses at most the chunk in flight, whose artifacts are in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -132,6 +133,11 @@ class Record:
                 [{**row, "seen": self.run, "updated": t} for row in rows],
             )
 
+    def seen(self, ids: list[str]) -> None:
+        """Items this run listed without changing them (done before, under the same keys). One transaction."""
+        with self.db:
+            self.db.executemany("UPDATE items SET seen = ?, status = 'done' WHERE id = ?", [(self.run, i) for i in ids])
+
     def stored(self, kind: str, made: dict[str, tuple[str, str]]) -> None:
         """`made`: item id -> (sha256, computed | reused | recomputed) of its `kind` artifact; an image makes
         the item done (by this run). One transaction."""
@@ -244,12 +250,17 @@ class Record:
 
 def item_row(item: Any, keys: dict[str, str], item_id: str, line: int | None = None) -> dict[str, Any]:
     """The row of an engine `Item` (before its stages)."""
+    return {"id": item_id, "idx": item.index, "line": line, "prompt": item.prompt,
+            "negative_prompt": item.negative_prompt, "seed": item.seed, "settings": settings_json(item.settings),
+            **{f"key_{kind}": keys[kind] for kind in KINDS}}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def settings_json(settings: Any) -> str:
+    """Resolved settings as the record stores them (a run has few distinct ones: made once each)."""
     from dataclasses import asdict
 
-    return {"id": item_id, "idx": item.index, "line": line, "prompt": item.prompt,
-            "negative_prompt": item.negative_prompt, "seed": item.seed,
-            "settings": json.dumps(asdict(item.settings), separators=(",", ":")),
-            **{f"key_{kind}": keys[kind] for kind in KINDS}}  # fmt: skip
+    return json.dumps(asdict(settings), separators=(",", ":"))
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> Path:

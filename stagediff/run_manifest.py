@@ -95,6 +95,13 @@ class RunFolder:
         self.record.tally["done"] += 1
         return True
 
+    def on_known(self, items: list[Item]) -> None:
+        """Items `known` found done: this run saw them (a batch item it does not see is removed at its end)."""
+        ids = [self.item_id(item.index)[0] for item in items]
+        self.record.seen(ids)
+        for item in items:
+            self.ids.pop(item.index, None)
+
     def listed_rows(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             self.ids[row["idx"]] = (row["id"], row["line"])
@@ -177,7 +184,7 @@ class RunFolder:
     def hooks(self) -> dict[str, Callable]:
         """The engine's callbacks for this folder."""
         return {"on_stored": self.on_stored, "on_listed": self.on_listed, "on_process": self.on_process,
-                "known": self.known}  # fmt: skip
+                "known": self.known, "on_known": self.on_known}  # fmt: skip
 
 
 def open_run(request: GenerateRequest) -> dict[str, Any] | None:
