@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,45 +125,86 @@ def model_identity(model: str | Path, variant: str | None = None) -> ModelIdenti
     )
 
 
+def _json(value: Any) -> str:
+    """`json.dumps` as `digest` writes it; plain strings, ints and None by the encoder's own C functions."""
+    if type(value) is str:
+        return encode_basestring_ascii(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _digest_encoded(fields: dict[str, str]) -> str:
+    """`digest` of a dict whose values are given already JSON-encoded: the same bytes, so the same key.
+    (A million items' keys share the model's and the settings' encodings: each is made once.)"""
+    body = ",".join(f"{encode_basestring_ascii(name)}:{fields[name]}" for name in sorted(fields))
+    return hashlib.sha256(("{" + body + "}").encode()).hexdigest()
+
+
+_encoded_models: dict[int, tuple[ModelIdentity, dict[str, str]]] = {}
+
+
+def _model_json(model: ModelIdentity) -> dict[str, str]:
+    """The JSON encoding of each of a model identity's fields, made once per identity object."""
+    found = _encoded_models.get(id(model))
+    if found is None or found[0] is not model:
+        if len(_encoded_models) > 64:
+            _encoded_models.clear()
+        found = (model, {name: _json(value) for name, value in asdict(model).items()})
+        _encoded_models[id(model)] = found
+    return found[1]
+
+
+@functools.lru_cache(maxsize=1024)
+def _settings_json(settings: DenoiseSettings) -> str:
+    return _json(asdict(settings))
+
+
 def embeddings_key(
     model: ModelIdentity, prompt: str, negative_prompt: str | None, max_sequence_length: int, dtype: str
 ) -> str:
-    return digest(
+    m = _model_json(model)
+    return _digest_encoded(
         {
-            "v": KEY_VERSION,
-            "kind": "embeddings",
-            "pipeline": model.pipeline,
-            "text": model.text,
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "max_sequence_length": max_sequence_length,
-            "dtype": dtype,
+            "v": _json(KEY_VERSION),
+            "kind": '"embeddings"',
+            "pipeline": m["pipeline"],
+            "text": m["text"],
+            "prompt": _json(prompt),
+            "negative_prompt": _json(negative_prompt),
+            "max_sequence_length": _json(max_sequence_length),
+            "dtype": _json(dtype),
         }
     )
 
 
 def latents_key(embeddings: str, model: ModelIdentity, settings: DenoiseSettings, seed: int, dtype: str) -> str:
     """`settings`: steps, guidance, size, true CFG scale, SDXL micro-conditioning (all of DenoiseSettings)."""
-    return digest(
+    m = _model_json(model)
+    return _digest_encoded(
         {
-            "v": KEY_VERSION,
-            "kind": "latents",
-            "embeddings": embeddings,
-            "pipeline": model.pipeline,
-            "denoiser": model.denoiser,
-            "scheduler": model.scheduler,
-            "vae_scale_factor": model.vae_scale_factor,
-            "settings": asdict(settings),
-            "seed": seed,
-            "dtype": dtype,
+            "v": _json(KEY_VERSION),
+            "kind": '"latents"',
+            "embeddings": _json(embeddings),
+            "pipeline": m["pipeline"],
+            "denoiser": m["denoiser"],
+            "scheduler": m["scheduler"],
+            "vae_scale_factor": m["vae_scale_factor"],
+            "settings": _settings_json(settings),
+            "seed": _json(seed),
+            "dtype": _json(dtype),
         }
     )
 
 
 def image_key(latents: str, model: ModelIdentity, tiled: bool, sliced: bool, dtype: str, metadata: bool = True) -> str:
     """`metadata`: the PNG carries the generation parameters (they are all covered by the latents key)."""
-    fields = {"latents": latents, "pipeline": model.pipeline, "decoder": model.decoder, "tiled": tiled}
-    return digest({"v": KEY_VERSION, "kind": "image", **fields, "sliced": sliced, "dtype": dtype, "png": metadata})
+    m = _model_json(model)
+    fields = {"latents": _json(latents), "pipeline": m["pipeline"], "decoder": m["decoder"], "tiled": _json(tiled)}
+    return _digest_encoded({"v": _json(KEY_VERSION), "kind": '"image"', **fields, "sliced": _json(sliced),
+                            "dtype": _json(dtype), "png": _json(metadata)})  # fmt: skip
 
 
 def model_hash(model: ModelIdentity) -> str:
