@@ -224,6 +224,7 @@ def _main_module_hidden() -> Iterator[None]:
             del main.__spec__
 
 
+POLL_SECONDS = 0.5  # how often a wait on a stage process checks that the process is still alive
 _live: set[Any] = set()  # the processes run_isolated is waiting for, across threads
 _live_lock = threading.Lock()
 
@@ -270,6 +271,12 @@ def run_isolated(
     started, peak_rss_mb, cuda_mb, outcome = t0, 0.0, None, None
     try:
         while outcome is None:
+            # poll, not a blocking recv: a killed process' write end may live on in a child it forked
+            if not recv.poll(POLL_SECONDS):
+                if process.is_alive():
+                    continue
+                if not recv.poll(0):
+                    break
             try:
                 message = recv.recv()
             except EOFError:
