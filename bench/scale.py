@@ -1,0 +1,232 @@
+"""Runs of any size on the embedded tiny model, where the bookkeeping is what is measured: `stagediff batch`,
+`stagediff generate --prompts-file` and `stagediff batch --replicas 2` over files of 1,000 to 1,000,000
+prompts, as fresh commands against one Prefect server.
+
+    python -m bench.scale [--sizes 1000 100000 1000000] [--window 45] [--complete 100000] [--json PATH]
+
+For each way to run: the small file runs to its end; each large one runs for the small run's time from its
+first image to its last (the same window: images/s at N against images/s at the small N), on for `--window`
+seconds in all, then is interrupted with SIGTERM (seconds to exit) and run again (seconds from the flow's
+start to its next image). The flow process' peak RSS (VmHWM of the command, which runs the flow; stage
+processes are listed apart, from the summary) and the seconds from the flow's start to its first stage come
+from the same runs; the file's every line is checked before the first stage. `--complete N`: a batch of N
+lines run to its end, one line appended, run again (it must compute one item).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import prefect_api, print_table, write_json
+
+SETTINGS = ["--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "8", "--batch-size", "16"]
+LOG_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) \| ")
+MODES = ("batch", "generate", "replicas")
+
+
+def prompts_file(folder: Path, n: int, suffix: str = ".txt") -> Path:
+    path = folder / f"prompts-{n}{suffix}"
+    if not path.exists():
+        with path.open("w", encoding="utf-8") as f:
+            for i in range(n):
+                f.write(f"a studio photo of product {i}, white background\n")
+    return path
+
+
+def command(mode: str, prompts: Path, folder: Path) -> tuple[list[str], Path]:
+    """The command of a mode and its artifact store (images are counted there: each is stored as it is made,
+    while a run folder links a chunk's images when its decode stage ends)."""
+    cli = [sys.executable, "-m", "stagediff.cli"]
+    if mode == "generate":
+        out = folder / "out"
+        cmd = [*cli, "generate", "--prompts-file", str(prompts), "--out", str(out), "--run-id", "r", *SETTINGS]
+        return cmd, out / ".store"
+    extra = ["--replicas", "2"] if mode == "replicas" else []
+    store = folder / "batch"
+    return [*cli, "batch", str(prompts), "--store", str(store), *SETTINGS, *extra], store / ".store"
+
+
+def log_time(line: str, now: float) -> float | None:
+    """The epoch seconds of a Prefect log line's HH:MM:SS.mmm (today's, or yesterday's just before midnight)."""
+    match = LOG_TIME.match(line)
+    if not match:
+        return None
+    h, m, s, ms = map(int, match.groups())
+    today = datetime.datetime.fromtimestamp(now).replace(hour=h, minute=m, second=s, microsecond=ms * 1000)
+    t = today.timestamp()
+    return t - 86400 if t > now + 3600 else t
+
+
+def count(store: Path) -> int:
+    """Images in a store: objects/images/<2 hex>/<key>.png (not the temporary files of writes under way)."""
+    total = 0
+    try:
+        shards = [e.path for e in os.scandir(store / "objects" / "images") if e.is_dir()]
+    except FileNotFoundError:
+        return 0
+    for shard in shards:
+        with contextlib.suppress(FileNotFoundError):
+            total += sum(1 for e in os.scandir(shard) if e.name.endswith(".png") and not e.name.startswith("."))
+    return total
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run(cmd: list[str], images: Path, env: dict[str, str], stop_after: float | None, window: float | None) -> dict:
+    """Run a command, sampling its images; with `stop_after`, SIGTERM it that many seconds after its first new
+    image. Returns when it ends: the samples, its log's times, its peak RSS, how long it took to exit."""
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 (closed below)
+    start, base = time.time(), count(images)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    first = first_count = in_window = rss = None
+    stopped = exited = None
+    while proc.poll() is None:
+        time.sleep(0.2)
+        now, n = time.time(), count(images)
+        rss = peak_rss_mb(proc.pid) or rss
+        if first is None and n > base:
+            first, first_count = now, n
+        if first is not None and window is not None and in_window is None and now - first >= window:
+            in_window = n
+        if first is not None and stop_after is not None and stopped is None and now - first >= stop_after:
+            stopped = time.time()
+            proc.send_signal(signal.SIGTERM)
+    ended = time.time()
+    if stopped is not None:
+        exited = ended - stopped
+    last_count = count(images)
+    log.seek(0)
+    lines = log.read().splitlines()
+    log.close()
+    os.unlink(log.name)
+
+    def when(pattern: str) -> float | None:
+        return next((t for line in lines if pattern in line and (t := log_time(line, ended)) is not None), None)
+
+    flow_start = when("Beginning flow run")
+    first_stage = when("items to compute")
+    if proc.returncode not in (0, -signal.SIGTERM, 1) or flow_start is None:
+        raise RuntimeError(f"{' '.join(cmd[3:6])}... failed ({proc.returncode}):\n" + "\n".join(lines[-40:]))
+    return {
+        "returncode": proc.returncode,
+        "seconds": round(ended - start, 2),
+        "flow_to_first_stage_s": None if first_stage is None else round(first_stage - flow_start, 2),
+        "flow_to_first_image_s": None if first is None else round(first - flow_start, 2),
+        "first_to_last_image_s": None if first is None else round(ended - first, 2),
+        "images_before": base,
+        "images_at_first": first_count,
+        "images_in_window": in_window,
+        "images_after": last_count,
+        "flow_peak_rss_mb": None if rss is None else round(rss, 1),
+        "seconds_to_exit_after_sigterm": None if exited is None else round(exited, 2),
+        "output_tail": lines[-3:],
+    }
+
+
+def stage_rss(summary_path: Path) -> dict[str, float]:
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    stages = summary.get("stages") or next(iter((summary.get("replica_stages") or {}).values()), {})
+    return {stage: info.get("peak_rss_mb") for stage, info in stages.items()}
+
+
+def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
+    small, rows = sizes[0], {}
+    folder = tmp / f"{mode}-{small}"
+    folder.mkdir()
+    cmd, images = command(mode, prompts_file(tmp, small), folder)
+    done = run(cmd, images, env, None, None)
+    span = done["first_to_last_image_s"]
+    small_rate = (done["images_after"] - done["images_at_first"]) / span
+    rows[small] = {"run": done, "images_per_s": round(small_rate, 2), "window_s": span}
+    for n in sizes[1:]:
+        folder = tmp / f"{mode}-{n}"
+        folder.mkdir()
+        cmd, images = command(mode, prompts_file(tmp, n), folder)
+        first = run(cmd, images, env, stop_after=max(window, span), window=span)
+        rate = (first["images_in_window"] - first["images_at_first"]) / span
+        resumed = run(cmd, images, env, stop_after=5.0, window=None)
+        summary = folder / ("out/r/manifest.json" if mode == "generate" else "batch/batch.json")
+        rows[n] = {"run": first, "resumed": resumed, "images_per_s": round(rate, 2),
+                   "ratio_to_small": round(rate / small_rate, 3), "stage_peak_rss_mb": stage_rss(summary)}  # fmt: skip
+    return rows
+
+
+def bench_rerun(n: int, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
+    folder = tmp / f"complete-{n}"
+    folder.mkdir()
+    path = prompts_file(folder, n)
+    cmd, images = command("batch", path, folder)
+    completed = run(cmd, images, env, None, None)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("one more line\n")
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    ended = time.time()
+    lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+    start = next(t for line in lines if "Beginning flow run" in line and (t := log_time(line, ended)) is not None)
+    finish = next(t for line in lines if "Finished in state Completed" in line and (t := log_time(line, ended)))
+    summary = json.loads((folder / "batch" / "batch.json").read_text())
+    return {"items": n, "first_run_seconds": completed["seconds"], "rerun_command_seconds": round(ended - t0, 2),
+            "rerun_flow_seconds": round(finish - start, 2), "computed": summary["counts"]["computed_by_this_run"],
+            "done": summary["counts"]["done"], "returncode": proc.returncode}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
+    parser.add_argument("--window", type=float, default=45.0, help="seconds each large run runs before SIGTERM")
+    parser.add_argument("--complete", type=int, default=100_000, help="a batch run to its end, then rerun (0: skip)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--json", help="where to write the results (default: bench/results/scale.json)")
+    parser.add_argument("--api-url", help="a Prefect API (default: $PREFECT_API_URL or a temporary server)")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"settings": vars(args), "stagediff_settings": SETTINGS}
+    with tempfile.TemporaryDirectory(prefix="stagediff-scale-") as tmp, prefect_api(args.api_url) as api_url:
+        env = {**os.environ, "PREFECT_API_URL": api_url}
+        for mode in args.modes:
+            results[mode] = bench_mode(mode, args.sizes, args.window, Path(tmp), env)
+        if args.complete:
+            results["rerun"] = bench_rerun(args.complete, Path(tmp), env)
+    rows = []
+    for mode in args.modes:
+        for n, row in results[mode].items():
+            resumed = row.get("resumed") or {}
+            rows.append([mode, n, row["images_per_s"], row.get("ratio_to_small", 1.0), row["run"]["flow_peak_rss_mb"],
+                         row["run"]["flow_to_first_stage_s"], row["run"]["seconds_to_exit_after_sigterm"] or "-",
+                         resumed.get("flow_to_first_image_s") or "-"])  # fmt: skip
+    print_table("Runs of any size (tiny model, 64x64, 1 step, batch 16)",
+                ["mode", "prompts", "images/s", "ratio", "flow RSS MB", "flow->1st stage s", "exit after TERM s",
+                 "resume: flow->next image s"], rows)  # fmt: skip
+    if "rerun" in results:
+        r = results["rerun"]
+        print(f"\nrerun of a completed {r['items']}-item batch with one line appended: computed {r['computed']}, "
+              f"flow {r['rerun_flow_seconds']} s (command {r['rerun_command_seconds']} s)")  # fmt: skip
+    write_json(args.json, "scale", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
