@@ -8,6 +8,7 @@ nothing, writes nothing and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import json
@@ -507,9 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except RequestError as exc:
+        stop_stage_processes()
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ArtifactError as exc:  # a damaged artifact under --strict
+        stop_stage_processes()
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
@@ -518,6 +521,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stagediff: error: no space left on device writing {where}: free some space and run the same "
               "command again (everything stored so far is kept and reused)", file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
+
+
+def stop_stage_processes() -> None:
+    """Before a one-line error: the stage forkserver a flow started is stopped and Prefect's event and log
+    workers drained, so nothing prints after the error."""
+    if "stagediff.isolation" in sys.modules:
+        from stagediff.isolation import stop_warm_up
+
+        stop_warm_up()
+    for module, name in (("prefect.events.worker", "EventsWorker"), ("prefect.logging.handlers", "APILogWorker")):
+        if module in sys.modules:
+            with contextlib.suppress(Exception):
+                getattr(sys.modules[module], name).drain_all(timeout=10)
 
 
 def disk_full(exc: BaseException) -> str | None:

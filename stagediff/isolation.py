@@ -21,6 +21,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -91,6 +92,23 @@ def warm_up(model: str | None = None) -> None:
             os.environ.pop("STAGEDIFF_PRELOAD_MODEL", None)
         else:
             os.environ["STAGEDIFF_PRELOAD_MODEL"] = before
+
+
+def stop_warm_up() -> None:
+    """Stop this process' stage forkserver now (a command that refuses its input after `warm_up`: the server's
+    imports would print after the one-line error)."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    with contextlib.suppress(OSError, AttributeError):
+        os.close(server._forkserver_alive_fd)
+    server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
 
 
 _events: tuple[multiprocessing.connection.Connection, threading.Lock] | None = None  # set in a stage process

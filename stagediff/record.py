@@ -81,6 +81,10 @@ class Record:
 
     def start_run(self, info: dict[str, Any]) -> int:
         """A new run over this record; returns its number."""
+        for run in self.runs():  # the caller holds the folder: a run still "running" was killed
+            if run.get("status") == "running":
+                self.db.execute("UPDATE runs SET info = ? WHERE run = ?",
+                                (json.dumps({**run, "status": "interrupted"}), run["run"]))  # fmt: skip
         (last,) = self.db.execute("SELECT COALESCE(MAX(run), 0) FROM runs").fetchone()
         self.run = last + 1
         self.db.execute("INSERT INTO runs VALUES (?, ?)", (self.run, json.dumps({"run": self.run, **info})))
@@ -147,6 +151,9 @@ class Record:
             self.tally["computed"] += sum(m != "reused" for _, m in made.values())
         sha, how = f"sha_{kind}", f"made_{kind}"
         done = ", status = 'done', run = :run" if kind == "images" else ""
+        if kind == "images":  # an image found in the store: this run made nothing of that item
+            done += ", made_embeddings = CASE WHEN :made = 'reused' THEN 'reused' ELSE made_embeddings END"
+            done += ", made_latents = CASE WHEN :made = 'reused' THEN 'reused' ELSE made_latents END"
         with self.db:
             self.db.executemany(
                 f"UPDATE items SET {sha} = :sha, {how} = :made, updated = :t{done} WHERE id = :id",
@@ -187,7 +194,7 @@ class Record:
         """Every item's status (one pass over the table: when a run ends)."""
         found = dict(self.db.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall())
         counts = {status: found.get(status, 0) for status in ("done", "pending", "failed", "removed")}
-        (made,) = self.db.execute("SELECT COUNT(*) FROM items WHERE run = ? AND made_images = 'computed'",
+        (made,) = self.db.execute("SELECT COUNT(*) FROM items WHERE run = ? AND made_images != 'reused'",
                                   (self.run,)).fetchone()  # fmt: skip
         return {"items": sum(v for k, v in counts.items() if k != "removed"), **counts, "computed_by_this_run": made}
 
