@@ -38,3 +38,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stagediff.tiny_model import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+def read_items(folder: str | Path) -> list[dict]:
+    """Every item of a completed run (OUT/RUN) or batch folder (STORE): its items.jsonl, in index order
+    (a batch's removed items last)."""
+    import json
+
+    return [json.loads(line) for line in (Path(folder) / "items.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -1,4 +1,5 @@
-"""Prompts files and batch bookkeeping, as plain functions: no Prefect engine, no model."""
+"""Prompts files and batch bookkeeping, as plain functions: no Prefect engine, no stage process (the tiny model
+is only read for its family's defaults)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,28 @@ import hashlib
 import json
 import logging
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from stagediff.artifacts import atomic_write_bytes
+from stagediff.artifacts import Store
 from stagediff.batch import (
     BatchFileError,
     auto_id,
-    item_entry,
-    new_manifest,
-    plan,
+    check_batch_file,
+    file_format,
     read_batch_file,
-    record_images,
-    start_run,
+    run_items,
     store_lock,
 )
-from stagediff.engine import FIRST_CHUNK, Item, next_chunk_size, order_by_group
-from stagediff.jobs import DenoiseSettings, StageResult
+from stagediff.engine import FIRST_CHUNK, Engine, Item, StageRecord, Stored, next_chunk_size, order_by_group
+from stagediff.jobs import DenoiseSettings, ItemRef, StageContext, StageResult
 from stagediff.request import MAX_SEED, ImageSettings, RequestError
+from stagediff.run_manifest import RunFolder
+from stagediff.sources import commit, open_source, staging
+from tests.conftest import read_items
 
 DEFAULTS = ImageSettings(steps=28, guidance=3.5, height=1024, width=1024)
 
@@ -51,6 +55,7 @@ def test_txt_one_prompt_a_line_blank_lines_skipped_seed_plus_position(tmp_path: 
     ]
     assert all(i.settings(DEFAULTS) == DEFAULTS and i.negative_prompt is None for i in items)
     assert items[0].id == auto_id(0, {"prompt": "a dog"}) and items[0].image == f"images/{items[0].id}.png"
+    assert check_batch_file(path, seed=10) == (3, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def test_appending_lines_keeps_the_ids_and_seeds_of_the_lines_above(tmp_path: Path) -> None:
@@ -178,46 +183,127 @@ def settings(s: ImageSettings) -> DenoiseSettings:
     return DenoiseSettings(s.steps, s.guidance, s.height, s.width, 512)
 
 
-def entries(path: Path, model: str) -> list[dict]:
-    """The flow's manifest entries, with a stand-in for the key function (model, prompt, seed, settings)."""
-    listed = []
-    for row in read_batch_file(path, 0):
-        resolved = {**row.settings(DEFAULTS).model_dump(), "model": model}
-        key = hashlib.sha256(json.dumps([row.prompt, row.seed, resolved], sort_keys=True).encode()).hexdigest()
-        listed.append(item_entry(row, resolved, {"embeddings": key, "latents": key, "images": key}))
-    return listed
+class FakeEngine(Engine):
+    """The run engine with a stand-in for the key function (model, prompt, seed, settings) and, instead of the
+    stage processes, a small PNG per item: the batch bookkeeping without a model's stages."""
+
+    def __init__(self, tiny_model: Path, store: Path, model: str, fail: bool = False) -> None:
+        super().__init__(StageContext(str(tiny_model), str(store), str(store / ".store"), "float32"), identity=None,
+                         prefect_tasks=False)  # fmt: skip
+        self.model, self.fail, self.computed = model, fail, []
+
+    def keys(self, item: Item) -> dict[str, str]:
+        key = hashlib.sha256(json.dumps([self.model, item.prompt, item.seed, asdict(item.settings)]).encode())
+        return dict.fromkeys(("embeddings", "latents", "images"), key.hexdigest())
+
+    def run_chunk(self, chunk, keys, label, on_stored, progress) -> list:
+        store = self.ctx.open_store()
+        self.on_listed(chunk, keys)
+        if self.fail:
+            raise RuntimeError("the decode stage failed")
+        todo, found, damaged = self.missing(store, "decode", chunk, keys)
+        made = dict.fromkeys(found, "reused")
+        stage = self.stages.setdefault("decode", StageRecord())
+        stage.reused, stage.computed = stage.reused + len(found), stage.computed + len(todo)
+        for item in todo:
+            saved = store.save_png("images", keys[item.index]["images"], Image.new("RGB", (4, 4)), {"by": "test"})
+            found[item.index] = ItemRef(item.index, "images", saved.key, saved.sha256)
+            made[item.index] = "recomputed" if item.index in damaged else "computed"
+        self.computed += [item.prompt for item in todo]
+        on_stored(Stored("decode", chunk, keys, found, made))
+        return []
 
 
-def finish(manifest: dict, store: Path, todo: list[str]) -> None:
-    """What the flow does for the items to do, with fake images instead of the stages."""
-    run = start_run(manifest, "p.jsonl", None, todo)
-    by_id = {e["id"]: e for e in manifest["items"]}
-    record_images(manifest, run, {i: atomic_write_bytes(store / by_id[i]["image"], i.encode()) for i in todo})
+def run_batch(tiny_model: Path, path: Path, store: Path, model: str = "/models/tiny", fail: bool = False):
+    """What the batch flow does around the stages: the file stored, the folder's record, the engine over the file's
+    items; returns (summary, prompts computed, every item of the record in items.jsonl's order)."""
+    engine = FakeEngine(tiny_model, store, model, fail)
+    blobs = Store(engine.ctx.store)
+    with staging(blobs) as staged:
+        count, sha256 = check_batch_file(path, 0, staged)
+        source = commit(blobs, staged, sha256, file_format(path), count)
+    folder = RunFolder(store, "batch", "batch.json", {"kind": "stagediff-batch"})
+    folder.start(engine, blobs, count)
+
+    def items():
+        with open_source(blobs, source) as stream:
+            for row, item in run_items(stream, source.format, 0, DEFAULTS, str(tiny_model)):
+                folder.ids[item.index] = (row.id, row.line)
+                yield item
+
+    try:
+        engine.run(items(), **folder.hooks())
+        summary = folder.finish("completed")
+    except RuntimeError as exc:
+        summary = folder.finish("failed", str(exc))
+    every = [*folder.record.items("WHERE status != 'removed'"), *folder.record.items("WHERE status = 'removed'")]
+    folder.close()
+    return summary, engine.computed, every
 
 
-def test_plan_skips_done_items_and_redoes_changed_corrupted_or_failed_ones(tmp_path: Path) -> None:
-    store, model = tmp_path / "store", "/models/tiny"
+def test_a_run_skips_done_items_and_redoes_changed_or_failed_ones(tiny_model: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
     path = write(tmp_path, "p.jsonl", '{"prompt": "a", "id": "a"}\n{"prompt": "b", "id": "b"}\n{"prompt": "c"}\n')
-    manifest = new_manifest()
-    todo = plan(manifest, entries(path, model), store)
-    assert len(todo) == 3 and {e["status"] for e in manifest["items"]} == {"pending"}
-    finish(manifest, store, todo)
-    assert plan(manifest, entries(path, model), store) == []
-    assert [e["status"] for e in manifest["items"]] == ["done"] * 3 and manifest["runs"][0]["computed"] == 3
+    summary, computed, items = run_batch(tiny_model, path, store)
+    assert computed == ["a", "b", "c"] and [e["status"] for e in items] == ["done"] * 3
+    assert [e["made"]["images"] for e in items] == ["computed"] * 3 and {e["run"] for e in items} == {1}
+    assert summary["counts"] == {"items": 3, "done": 3, "pending": 0, "failed": 0, "removed": 0,
+                                 "computed_by_this_run": 3}  # fmt: skip
+    assert summary["runs"][0]["computed"] == 3 and summary["stages"]["decode"]["computed"] == 3
+    assert read_items(store) == items and summary["first_items"] == items
+    assert all((store / e["image"]).is_file() for e in items)
+    summary, computed, items = run_batch(tiny_model, path, store)
+    assert computed == [] and [e["status"] for e in items] == ["done"] * 3
+    assert [e["made"]["images"] for e in items] == ["computed"] * 3 and {e["run"] for e in items} == {1}  # kept
+    assert summary["counts"]["computed_by_this_run"] == 0 and summary["stages"]["decode"]["reused"] == 3
+    assert [(r["run"], r["computed"], r["done"]) for r in summary["runs"]] == [(1, 3, 3), (2, 0, 3)]
 
-    # Another model, another seed for "a", a corrupted image of "b" and a removed line "c"; a new line "d".
-    (store / "images/b.png").write_bytes(b"garbage")
+    # Another seed for "a" and a removed line "c"; a new line "d".
     path.write_text('{"prompt": "a", "id": "a", "seed": 9}\n{"prompt": "b", "id": "b"}\n{"prompt": "d"}\n')
-    todo = plan(manifest, entries(path, model), store)
-    assert [e["prompt"] for e in manifest["items"] if e["id"] in todo] == ["a", "b", "d"]
-    assert [e["status"] for e in manifest["items"]] == ["pending", "pending", "pending", "removed"]
-    finish(manifest, store, todo)
+    summary, computed, items = run_batch(tiny_model, path, store)
+    assert computed == ["a", "d"]
+    assert [(e["prompt"], e["seed"], e["status"], e["run"]) for e in items] == [
+        ("a", 9, "done", 3),
+        ("b", 1, "done", 1),
+        ("d", 2, "done", 3),
+        ("c", 2, "removed", 1),  # removed items last
+    ]
+    assert summary["counts"]["removed"] == 1 and summary["counts"]["computed_by_this_run"] == 2
+    assert read_items(store) == items
 
-    # "c" comes back at its old place: its image is still there. Another model redoes everything.
+    # "c" comes back at its old place: its image is still there. A failed run leaves its items failed, the next
+    # run makes them; another model redoes everything.
     path.write_text('{"prompt": "a", "id": "a", "seed": 9}\n{"prompt": "b", "id": "b"}\n{"prompt": "c"}\n')
-    assert plan(manifest, entries(path, model), store) == []
-    assert [e["status"] for e in manifest["items"]] == ["done", "done", "done", "removed"]
-    assert len(plan(manifest, entries(path, "/models/other"), store)) == 3
+    summary, computed, items = run_batch(tiny_model, path, store)
+    assert computed == [] and [e["status"] for e in items] == ["done"] * 3 + ["removed"]  # "d"
+    assert [e["run"] for e in items] == [3, 1, 1, 3]
+    with path.open("a") as f:
+        f.write('{"prompt": "e"}\n')
+    summary, computed, items = run_batch(tiny_model, path, store, fail=True)
+    assert summary["status"] == "failed" and summary["runs"][-1]["status"] == "failed"
+    assert [(e["prompt"], e["status"]) for e in items] == [("a", "done"), ("b", "done"), ("c", "done"),
+                                                           ("e", "failed"), ("d", "removed")]  # fmt: skip
+    summary, computed, items = run_batch(tiny_model, path, store)
+    assert computed == ["e"] and [e["status"] for e in items] == ["done"] * 4 + ["removed"]
+    summary, computed, items = run_batch(tiny_model, path, store, model="/models/other")
+    assert computed == ["a", "b", "c", "e"] and summary["counts"]["computed_by_this_run"] == 4
+    assert [r["computed"] for r in summary["runs"]] == [2, 0, 0, 1, 4]  # the last 5 runs
+
+
+def test_a_corrupted_image_is_computed_again_and_counted_once(tiny_model: Path, tmp_path: Path, caplog) -> None:
+    store = tmp_path / "store"
+    path = write(tmp_path, "p.jsonl", '{"prompt": "a", "id": "a"}\n{"prompt": "b", "id": "b"}\n')
+    run_batch(tiny_model, path, store)
+    (store / "images/b.png").write_bytes(b"garbage")  # a link to the store's object: the object is damaged
+    caplog.clear()
+    summary, computed, items = run_batch(tiny_model, path, store)
+    assert computed == ["b"] and [e["status"] for e in items] == ["done", "done"]
+    assert [(e["run"], e["made"]["images"]) for e in items] == [(1, "computed"), (2, "recomputed")]
+    assert Store(store / ".store").check("images", items[1]["keys"]["images"]) is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "is corrupted" in warnings[0] and "computing it again" in warnings[0], warnings
+    assert summary["stages"]["decode"]["damaged"] == 1
+    assert summary["counts"]["computed_by_this_run"] == 1 and summary["runs"][-1]["computed"] == 1
 
 
 def test_a_second_run_on_a_store_waits_for_the_first(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import read_items
+
 ARGS = ["--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "16", "--chunk-size", "2"]
 
 
@@ -59,7 +61,11 @@ def test_a_file_then_the_lines_appended_to_it(prefect_server, tiny_model: Path, 
     assert second.returncode == 0, second.stderr[-3000:]
     assert "3 items in" in second.stdout and "1 computed, 2 done before" in second.stdout
 
-    manifest = json.loads((store / "batch.json").read_text())
-    assert [entry["prompt"] for entry in manifest["items"]] == ["a dog", "a cat", "a red fox"]
-    assert all(entry["status"] == "done" for entry in manifest["items"])
-    assert all((store / entry["image"]).is_file() for entry in manifest["items"])
+    summary = json.loads((store / "batch.json").read_text())
+    items = read_items(store)
+    assert [entry["prompt"] for entry in items] == ["a dog", "a cat", "a red fox"]
+    assert all(entry["status"] == "done" for entry in items)
+    assert all((store / entry["image"]).is_file() for entry in items)
+    assert [(entry["run"], entry["made"]["images"]) for entry in items] == [(1, "computed")] * 2 + [(2, "computed")]
+    assert summary["first_items"] == items and summary["counts"]["done"] == 3
+    assert [(run["computed"], run["done"]) for run in summary["runs"]] == [(2, 2), (1, 3)]

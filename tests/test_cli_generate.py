@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.conftest import read_items
 from tests.reference import read_image
 
 ARGS = ["--steps", "2", "--height", "64", "--width", "64", "--guidance", "3.5", "--seed", "7"]
@@ -39,20 +40,29 @@ def test_two_runs_from_the_same_default_model_cache(prefect_server, tmp_path: Pa
     assert second.returncode == 0, second.stderr[-3000:]
     assert model_index.stat().st_mtime_ns == built_at  # reused, not rebuilt
 
+    assert "2 images in" in first.stdout and "(2 computed)" in first.stdout
+    assert "2 images in" in second.stdout and "(0 computed)" in second.stdout
     manifests = [json.loads((out / run / "manifest.json").read_text()) for run in ("one", "two")]
+    items = {run: read_items(out / run) for run in ("one", "two")}
     for manifest in manifests:
         assert manifest["status"] == "completed"
         assert manifest["model"] == str(cache / "models" / "tiny-flux-v1")
-        assert [(i["index"], i["prompt"], i["seed"]) for i in manifest["items"]] == [(0, "a dog", 7), (1, "a cat", 8)]
-        for item in manifest["items"]:
+        listed = items[manifest["run_id"]]
+        assert [(i["index"], i["prompt"], i["seed"]) for i in listed] == [(0, "a dog", 7), (1, "a cat", 8)]
+        assert manifest["first_items"] == listed
+        for item in listed:
             for field in ("image", "embeddings", "latents"):
                 assert not Path(item[field]).is_absolute()
-                assert (out / manifest["run_id"] / item[field]).is_file()
-    for stage in ("encode", "denoise", "decode"):
+                # the second run found every image in the store: only images are linked into its folder
+                linked = manifest["run_id"] == "one" or field == "image"
+                assert (out / manifest["run_id"] / item[field]).is_file() == linked, (manifest["run_id"], field)
+    for stage, kind in (("encode", "embeddings"), ("denoise", "latents"), ("decode", "images")):
         info = manifests[0]["stages"][stage]  # the first run computed everything, each stage in its own process
-        assert info["pid"] > 0 and info["seconds"] > 0 and info["peak_rss_mb"] > 50 and info["computed"] == [0, 1]
+        assert info["pid"] > 0 and info["seconds"] > 0 and info["peak_rss_mb"] > 50 and info["computed"] == 2
+        assert [item["made"][kind] for item in items["one"]] == ["computed", "computed"]
         assert not Path(f"/proc/{info['pid']}").exists()  # the stage process is gone
         again = manifests[1]["stages"][stage]  # the second found it all in the shared store (OUT/.store)
-        assert again["skipped"] and again["pid"] is None and again["reused"] == [0, 1]
-    for a, b in zip(manifests[0]["items"], manifests[1]["items"], strict=True):
+        assert again["skipped"] and again["pid"] is None and again["reused"] == 2 and again["computed"] == 0
+    assert [item["made"]["images"] for item in items["two"]] == ["reused", "reused"]
+    for a, b in zip(items["one"], items["two"], strict=True):
         np.testing.assert_array_equal(read_image(out / "one" / a["image"]), read_image(out / "two" / b["image"]))

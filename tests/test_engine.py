@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import prefect.main  # noqa: F401 (sets up Prefect's logging now: later, it would drop caplog's handler mid-test)
 import pytest
 
+from stagediff.artifacts import Store
 from stagediff.family import FAMILIES
+from tests.conftest import read_items
 from tests.reference import read_image, reference_images, run_generate
 
 SMALL = {"steps": 2, "height": 64, "width": 64, "max_sequence_length": 16}
@@ -51,25 +54,37 @@ def test_batch_recomputes_damaged_latents_with_a_warning_or_stops_when_strict(
     args = ["batch", str(prompts_file), "--store", str(folder), "--model", str(tiny_model)]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
     assert main(args) == 0
-    first = json.loads((folder / "batch.json").read_text())
+    first = read_items(folder)
     images = snapshot(folder / "images")
+    store = Store(folder / ".store")
 
-    # Every latents object damaged, one image deleted: the run recomputes the latents it needs and completes
+    def lose_image() -> Path:
+        """Item 1's image gone from the folder and from the store (a store that holds it would serve it)."""
+        key = first[1]["keys"]["images"]
+        store.remove(store.record_name("images", key))
+        store.remove(store.object_name("images", key))
+        (folder / first[1]["image"]).unlink()
+        return folder / first[1]["image"]
+
+    # Every latents object damaged, one image lost: the run recomputes the latents it needs and completes
     damaged = flip_every(folder / ".store" / "objects" / "latents")
-    lost = folder / first["items"][1]["image"]
-    lost.unlink()
+    lost = lose_image()
     caplog.clear()
     assert main(args) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(str(path) in w and "computing it again" in w for w in warnings for path in damaged), warnings
     assert snapshot(folder / "images") == images  # the lost image is back, bit for bit; the others untouched
-    run = json.loads((folder / "batch.json").read_text())["runs"][-1]
+    summary = json.loads((folder / "batch.json").read_text())
+    run = summary["runs"][-1]
     assert run["status"] == "completed" and run["computed"] == 1
-    assert run["stages"]["denoise"]["damaged"] == [1] and run["stages"]["denoise"]["computed"] == [1]
+    assert summary["stages"]["denoise"]["damaged"] == 1 and summary["stages"]["denoise"]["computed"] == 1
+    # the items done before keep the run that made them (this run did not look at their latents); item 1 is this run's
+    made = [(item["run"], item["made"]["latents"], item["made"]["images"]) for item in read_items(folder)]
+    assert made == [(1, "computed", "computed"), (2, "recomputed", "computed"), (1, "computed", "computed")], made
 
     # --strict: the same damage stops the run with exit 1 naming the file, before any stage process
     damaged = flip_every(folder / ".store" / "objects" / "latents")
-    lost.unlink()
+    lost = lose_image()
     objects = snapshot(folder / ".store" / "objects")
     strict = subprocess.run([sys.executable, "-m", "stagediff.cli", *args, "--strict"], capture_output=True,
                             text=True, timeout=300)  # fmt: skip
@@ -105,18 +120,20 @@ def test_twenty_items_in_three_settings_groups_load_each_model_once_and_equal_ge
     args = ["batch", str(prompts_file), "--store", str(folder), "--model", str(tiny_model)]
     assert main([*args, "--max-sequence-length", "16", "--batch-size", "4"]) == 0
 
-    manifest = json.loads((folder / "batch.json").read_text())
-    stages = manifest["runs"][-1]["stages"]
-    for stage in ("encode", "denoise", "decode"):
-        assert len(stages[stage]["processes"]) == 1 and stages[stage]["loads"] == 1, (stage, stages[stage])
-        assert stages[stage]["computed"] == list(range(20))
-    by_prompt = {entry["prompt"]: read_image(folder / entry["image"]) for entry in manifest["items"]}
+    stages = json.loads((folder / "batch.json").read_text())["stages"]
+    items = read_items(folder)
+    for stage, kind in (("encode", "embeddings"), ("denoise", "latents"), ("decode", "images")):
+        assert stages[stage]["process_count"] == len(stages[stage]["processes"]) == 1, (stage, stages[stage])
+        assert stages[stage]["loads"] == 1, (stage, stages[stage])
+        assert stages[stage]["computed"] == 20 and [item["made"][kind] for item in items] == ["computed"] * 20
+    by_prompt = {entry["prompt"]: read_image(folder / entry["image"]) for entry in items}
     for (steps, height, width), seed in groups.items():
         out = run_generate(
             prompts=prompts[(steps, height, width)], seed=seed, model=str(tiny_model), steps=steps, height=height,
             width=width, max_sequence_length=16, batch_size=4, out=str(tmp_path / "gen"), run_id=f"g{seed}",
         )  # fmt: skip
-        for item in out["items"]:
+        assert out["counts"]["done"] == len(prompts[(steps, height, width)])
+        for item in read_items(tmp_path / "gen" / f"g{seed}"):
             np.testing.assert_array_equal(read_image(tmp_path / "gen" / f"g{seed}" / item["image"]),
                                           by_prompt[item["prompt"]])  # fmt: skip
 
@@ -144,7 +161,7 @@ def test_progress_reports_every_item_once_and_the_artifact_reaches_n_of_n(
     progress = [a for a in artifacts if a.type == "progress"]
     assert len(progress) == 1 and progress[0].data == 100 and progress[0].description == "3/3 images"
     assert flow_run.name == "generate p"
-    assert sorted(t.name for t in task_runs) == [f"{stage} [chunk 1/1]" for stage in ("decode", "denoise", "encode")]
+    assert sorted(t.name for t in task_runs) == [f"{stage} [chunk 1]" for stage in ("decode", "denoise", "encode")]
     table = next(a for a in artifacts if a.type == "table")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [(r["prompt"], r["steps"], r["size"], r["made"]) for r in rows] == [
@@ -179,7 +196,7 @@ def test_a_run_with_only_prompt_and_seed_equals_the_pipeline_at_its_defaults(
     model = build_tiny_family(tmp_path / family, family)
     manifest = run_generate(prompts=["a small red house"], seed=3, model=str(model), out=str(tmp_path), run_id="d")
     expected = reference_images(model, ["a small red house"], seed=3)
-    np.testing.assert_array_equal(read_image(tmp_path / "d" / manifest["items"][0]["image"]), expected[0])
+    np.testing.assert_array_equal(read_image(tmp_path / "d" / manifest["first_items"][0]["image"]), expected[0])
     # the resolved defaults are recorded (and went into the keys)
     defaults = FAMILIES[json.loads((model / "model_index.json").read_text())["_class_name"]]
     settings = manifest["settings"]

@@ -14,6 +14,8 @@ import subprocess
 import sys
 
 from stagediff.artifacts import Store
+from stagediff.record import Record
+from tests.conftest import read_items
 
 FULL_DISK = """
 import errno, os
@@ -52,7 +54,15 @@ def test_a_full_disk_is_one_line_the_run_failed_and_the_rerun_completes(prefect_
     assert manifest["status"] == "failed" and "No space left on device" in manifest["error"]
     assert manifest["stages"]["denoise"]["interrupted"]
     assert not list(store.rglob("*.tmp"))  # no partial file left behind
-    embeddings = [Store(store).check("embeddings", item["keys"]["embeddings"]) for item in manifest["items"]]
+    assert not (out / "full" / "items.jsonl").exists()  # written when a run completes
+    record = Record(out / "full" / "record.db", "run")
+    items = list(record.items())
+    record.close()
+    assert [(item["index"], item["status"], item["made"]["embeddings"]) for item in items] == [
+        (0, "failed", "computed"),
+        (1, "failed", "computed"),
+    ]
+    embeddings = [Store(store).check("embeddings", item["keys"]["embeddings"]) for item in items]
     assert all(embeddings)  # what was stored before the disk filled is there and verifies
 
     env.pop("TEST_FULL_DISK_UNDER")
@@ -60,4 +70,8 @@ def test_a_full_disk_is_one_line_the_run_failed_and_the_rerun_completes(prefect_
     assert again.returncode == 0, again.stderr[-3000:]
     manifest = json.loads((out / "full" / "manifest.json").read_text())
     assert manifest["status"] == "completed"
-    assert manifest["stages"]["encode"]["reused"] == [0, 1] and manifest["stages"]["denoise"]["computed"] == [0, 1]
+    assert manifest["stages"]["encode"]["reused"] == 2 and manifest["stages"]["denoise"]["computed"] == 2
+    items = read_items(out / "full")
+    assert [item["made"]["embeddings"] for item in items] == ["reused", "reused"]
+    assert [item["made"]["latents"] for item in items] == ["computed", "computed"]
+    assert [item["status"] for item in items] == ["done", "done"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stagediff.tiny_model import TinyFluxConfig, build_tiny_flux
+from tests.conftest import read_items
 from tests.reference import read_image, reference_images
 
 SHAPES = {
@@ -49,8 +50,8 @@ def test_bit_identical_to_diffusers_at_batch_size_1(prefect_server, shaped_model
     prompts = ["a red dog", "a city at night, photo"]
     manifest = generate(prompts=prompts, model=str(shaped_model), seed=11, out=str(tmp_path), run_id="r", **SETTINGS)
     expected = reference_images(shaped_model, prompts, seed=11, **call_kwargs(SETTINGS))
-    assert manifest["status"] == "completed"
-    for item, reference in zip(manifest["items"], expected, strict=True):
+    assert manifest["status"] == "completed" and manifest["counts"]["done"] == len(prompts)
+    for item, reference in zip(read_items(tmp_path / "r"), expected, strict=True):
         image = read_image(tmp_path / "r" / item["image"])
         assert image.shape == (SETTINGS["height"], SETTINGS["width"], 3)
         np.testing.assert_array_equal(image, reference)
@@ -66,7 +67,7 @@ def test_batched_within_one_of_diffusers_and_stages_in_fresh_processes(
         prompts=prompts, model=str(tiny_model), seed=3, batch_size=2, out=str(tmp_path), run_id="b", **SETTINGS
     )
     expected = reference_images(tiny_model, prompts, seed=3, **call_kwargs(SETTINGS))
-    for item, reference in zip(manifest["items"], expected, strict=True):
+    for item, reference in zip(read_items(tmp_path / "b"), expected, strict=True):
         diff = np.abs(read_image(tmp_path / "b" / item["image"]).astype(int) - reference.astype(int))
         assert diff.max() <= 1
     pids = [manifest["stages"][stage]["pid"] for stage in ("encode", "denoise", "decode")]

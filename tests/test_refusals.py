@@ -69,10 +69,15 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def table(model: str) -> list[tuple[list[str], str]]:
     """(command, first line of stderr after "stagediff: error: ")."""
     gen = ["generate", "--prompt", "a dog", *SMALL, "--model", model]
+    negatives = ["--negative-prompt", "x", "--negative-prompt", "y"]
     return [
         ([*gen, "--original-size", "²,2"], "invalid original_size='²,2': must be two integers"),
         (["generate", "--prompts-file", "a.txt/x", "--model", model], "invalid prompts_file='a.txt/x': must be an"),
         (["generate", "--prompts-file", "fifo.txt", "--model", model], "invalid prompts_file='fifo.txt': must be an"),
+        (
+            ["generate", "--prompts-file", "a.txt", *negatives, "--model", model],
+            "invalid negative_prompt=['x', 'y']: with --prompts-file give it once (for every prompt)",
+        ),
         ([*gen, "--out", "file"], "invalid out="),
         ([*gen, "--store", "file"], "invalid store='file': must be a folder"),
         ([*gen, "--run-id", "nl\n"], "invalid run_id='nl\\n': must be a plain name"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from stagediff.artifacts import ArtifactError, Store
 from stagediff.cli import main
 from stagediff.collect import collect_garbage, parse_age
 from stagediff.jobs import DenoiseSettings
+from stagediff.record import Record, write_summary
 from stagediff.request import RequestError, check_store
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
@@ -156,8 +158,6 @@ def test_a_claim_is_exclusive_and_dies_with_its_process(tmp_path: Path) -> None:
 
 
 def test_keys_change_exactly_when_their_inputs_do(tiny_model: Path, tmp_path: Path) -> None:
-    import shutil
-
     model = keys.model_identity(tiny_model)
     s = DenoiseSettings(steps=2, guidance=3.5, height=64, width=64, max_sequence_length=16)
     e = keys.embeddings_key(model, "a dog", None, 16, "float32")
@@ -197,12 +197,25 @@ def test_file_hashes_are_cached_by_size_and_mtime(tmp_path: Path, monkeypatch: p
     assert keys.FileHashes(cache).sha256(weights) == "sha-of-two" and len(calls) == 2
 
 
-def write_run(tmp_path: Path, store: Store, name: str, referenced: list[str]) -> Path:
+def write_run(tmp_path: Path, store: Store, name: str, referenced: list[str], legacy: bool = False) -> Path:
+    """A completed run folder that references `referenced` (embeddings keys), registered in the store: its record
+    (record.db) and summary, or (`legacy`) a manifest from before run records, which listed every item inline."""
     run = tmp_path / "out" / name
     run.mkdir(parents=True)
-    items = [{"index": i, "keys": {"embeddings": k}} for i, k in enumerate(referenced)]
-    (run / "manifest.json").write_text(json.dumps({"run_id": name, "items": items}))
-    store.register_run(run / "manifest.json")
+    if legacy:
+        items = [{"index": i, "keys": {"embeddings": k}} for i, k in enumerate(referenced)]
+        (run / "manifest.json").write_text(json.dumps({"run_id": name, "items": items}))
+        store.register_run(run / "manifest.json")
+        return run
+    record = Record(run / "record.db", "run")
+    record.start_run({"status": "running"})
+    record.listed([{"id": f"{i:05d}", "idx": i, "line": None, "prompt": "p", "negative_prompt": None, "seed": i,
+                    "settings": "{}", "key_embeddings": k, "key_latents": None, "key_images": None}
+                   for i, k in enumerate(referenced)])  # fmt: skip
+    record.finish("completed")
+    write_summary(run / "manifest.json", {"format": 2, "run_id": name, "record": "record.db"})
+    record.close()
+    store.register_run(run / "manifest.json", {"record": str(run / "record.db")})
     return run
 
 
@@ -212,28 +225,31 @@ def test_gc_removes_only_unreferenced_old_artifacts(
     every = [f"{i:02d}" + "c" * 62 for i in range(4)]
     for key in every:
         put_embeddings(store, key)
-    kept_run = write_run(tmp_path, store, "kept", every[:2])
+    kept_run = write_run(tmp_path, store, "kept", every[:1])
+    old_run = write_run(tmp_path, store, "old", every[1:2], legacy=True)
     gone_run = write_run(tmp_path, store, "gone", every[2:3])
-    (gone_run / "manifest.json").unlink()
+    shutil.rmtree(gone_run)
     size = sum(store.stat(n)[0] for n in store.list("objects") if every[2] in n or every[3] in n)
 
     # Dry run: reports, removes nothing
     assert main(["gc", store.location, "--older-than", "0s", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would remove 4 files" in out and every[3] in out and "forgot 1 runs" in out
-    assert all(store.check("embeddings", k) for k in every) and len(store.runs()) == 2
+    assert all(store.check("embeddings", k) for k in every) and len(store.runs()) == 3
     # Too young: no artifact goes, but the registration of the deleted run does
     assert main(["gc", store.location, "--older-than", "7d"]) == 0
     out = capsys.readouterr().out
     assert "removed 0 files" in out and "forgot 1 runs" in out
     # For real: the unreferenced two go, with their records, and their bytes are reported
     report = collect_garbage(store, older_than=0)
-    assert (report.runs, report.forgotten_runs, report.referenced) == (1, 0, 2)
+    assert (report.runs, report.forgotten_runs, report.referenced) == (2, 0, 2)
     assert len(report.removed) == 4 and report.freed_bytes == size
     assert [k for k in every if store.check("embeddings", k)] == every[:2]
-    assert list(store.runs().values()) == [str(kept_run / "manifest.json")]
-    # Deleting the last run frees the rest
-    (kept_run / "manifest.json").unlink()
+    manifests = sorted(entry["manifest"] for entry in store.runs().values())
+    assert manifests == [str(kept_run / "manifest.json"), str(old_run / "manifest.json")]
+    # Deleting the last runs frees the rest
+    shutil.rmtree(kept_run)
+    (old_run / "manifest.json").unlink()
     assert len(collect_garbage(store, older_than=0).removed) == 4
     assert store.list("objects") == []
 

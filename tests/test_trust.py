@@ -18,6 +18,7 @@ from PIL import Image
 
 from stagediff.artifacts import Store
 from stagediff.cli import main
+from tests.conftest import read_items
 from tests.reference import read_image, run_generate
 
 SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16"]
@@ -81,17 +82,41 @@ def test_a_component_of_another_class_gets_other_keys(tiny_model: Path, tmp_path
     assert a.decoder != b.decoder and (a.text, a.denoiser) == (b.text, b.denoiser)
 
 
-def test_a_damaged_batch_json_is_kept_aside_with_a_warning(tmp_path: Path, caplog) -> None:
+def test_a_damaged_or_old_batch_json_is_kept_aside_with_a_warning(tmp_path: Path, caplog) -> None:
     import logging
 
-    from stagediff.batch import read_batch_manifest
+    from stagediff.flows.batch import adopt_old_summary
 
-    (tmp_path / "batch.json").write_text('{"items": [truncated')
-    with caplog.at_level(logging.WARNING, logger="test"):
-        assert read_batch_manifest(tmp_path, logging.getLogger("test")) is None  # the run starts anew
-    assert any("batch.json is damaged: kept as batch.json.damaged-" in r.getMessage() for r in caplog.records)
-    assert [p.read_text() for p in tmp_path.glob("batch.json.damaged-*")] == ['{"items": [truncated']
-    assert not (tmp_path / "batch.json").exists()
+    old = json.dumps({"items": [{"id": "a", "status": "done"}], "runs": []})  # format 1: every item inline
+    for text in ('{"items": [truncated', old):
+        for path in tmp_path.iterdir():
+            path.unlink()
+        (tmp_path / "batch.json").write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="test"):
+            adopt_old_summary(tmp_path, logging.getLogger("test"))  # the run records every item again
+        kept = list(tmp_path.glob("batch.v1.json.*"))
+        assert [p.read_text() for p in kept] == [text] and not (tmp_path / "batch.json").exists()
+        assert any(f"kept as {kept[0].name}" in r.getMessage() for r in caplog.records), caplog.records
+    current = json.dumps({"format": 2, "runs": []})  # today's summary stays where it is
+    (tmp_path / "batch.json").write_text(current)
+    adopt_old_summary(tmp_path, logging.getLogger("test"))
+    assert (tmp_path / "batch.json").read_text() == current
+
+
+def test_a_killed_batch_run_is_marked_interrupted(api, tiny_model: Path, tmp_path: Path) -> None:
+    from stagediff.record import Record
+
+    prompts_file, folder = tmp_path / "p.txt", tmp_path / "batch"
+    prompts_file.write_text("a red dog\na cat\n")
+    args = ["batch", str(prompts_file), "--store", str(folder), "--model", str(tiny_model), *SMALL]
+    assert main(args) == 0
+    record = Record(folder / "batch.db", "batch")
+    record.start_run({"status": "running"})  # as a killed run leaves it: started, never finished
+    record.close()
+    assert main(args) == 0
+    runs = json.loads((folder / "batch.json").read_text())["runs"]
+    assert [run["status"] for run in runs] == ["completed", "interrupted", "completed"]
 
 
 def test_a_damaged_batch_json_is_rebuilt_from_the_store(api, tiny_model: Path, tmp_path: Path) -> None:
@@ -100,30 +125,34 @@ def test_a_damaged_batch_json_is_rebuilt_from_the_store(api, tiny_model: Path, t
     args = ["batch", str(prompts_file), "--store", str(folder), "--model", str(tiny_model), *SMALL]
     assert main(args) == 0
     images = {p.name: p.read_bytes() for p in (folder / "images").iterdir()}
-    manifest = json.loads((folder / "batch.json").read_text())
-    manifest["runs"][0]["status"] = "running"  # as a killed run leaves it
-    (folder / "batch.json").write_text(json.dumps(manifest))
-    assert main(args) == 0
-    runs = json.loads((folder / "batch.json").read_text())["runs"]
-    assert runs[0]["status"] == "interrupted" and runs[1]["status"] == "completed"
 
+    # The summary damaged and the record gone (as a folder written before run records has none)
     (folder / "batch.json").write_text('{"items": [truncated')
+    for path in folder.glob("batch.db*"):
+        path.unlink()
     assert main(args) == 0
-    kept = list(folder.glob("batch.json.damaged-*"))
+    kept = list(folder.glob("batch.v1.json.*"))
     assert len(kept) == 1 and kept[0].read_text() == '{"items": [truncated', "the damaged file was not kept"
     rebuilt = json.loads((folder / "batch.json").read_text())
-    assert [e["status"] for e in rebuilt["items"]] == ["done", "done"]
-    stages = rebuilt["runs"][-1]["stages"]
-    assert all(info["computed"] == [] for info in stages.values())  # nothing computed again
+    assert [e["status"] for e in read_items(folder)] == ["done", "done"]
+    assert [e["made"]["images"] for e in read_items(folder)] == ["reused", "reused"]
+    assert all(info["computed"] == 0 for info in rebuilt["stages"].values())  # nothing computed again
+    assert rebuilt["counts"]["computed_by_this_run"] == 0 and rebuilt["counts"]["done"] == 2
     assert {p.name: p.read_bytes() for p in (folder / "images").iterdir()} == images
 
 
 def test_a_prompts_file_with_a_byte_order_mark(tmp_path: Path) -> None:
-    from stagediff.request import read_prompts_file
+    import hashlib
+
+    from stagediff.request import checked_prompts_file
+    from stagediff.sources import prompt_lines
 
     path = tmp_path / "p.txt"
-    path.write_bytes("\ufeffa dog\na cat\n".encode())
-    assert read_prompts_file(str(path)) == ["a dog", "a cat"]
+    path.write_bytes("\ufeffa dog\na cat\u2028on two lines\n".encode())
+    with path.open("rb") as stream:
+        assert list(prompt_lines(stream, "txt")) == [(1, "a dog"), (2, "a cat\u2028on two lines")]  # "\n" alone
+    checked = checked_prompts_file(str(path))
+    assert (checked.count, checked.sha256) == (2, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def test_identical_tensors_give_identical_bytes(tmp_path: Path) -> None:
@@ -144,7 +173,7 @@ def test_pngs_say_what_made_them_and_the_command_makes_it_again(
     monkeypatch.chdir(tmp_path)
     manifest = run_generate(prompts=["a red fox"], negative_prompts=None, seed=11, model=str(tiny_model), steps=2,
                             height=64, width=48, max_sequence_length=16, out="first", run_id="r")  # fmt: skip
-    path = tmp_path / "first" / "r" / manifest["items"][0]["image"]
+    path = tmp_path / "first" / "r" / manifest["first_items"][0]["image"]
     text = Image.open(path).text
     assert text["parameters"].splitlines() == [
         "a red fox",
@@ -165,9 +194,7 @@ def test_pngs_say_what_made_them_and_the_command_makes_it_again(
     bare = tmp_path / "bare" / "r" / "images" / "00000.png"
     assert not {"parameters", "stagediff"} & set(Image.open(bare).text)
     np.testing.assert_array_equal(read_image(bare), read_image(path))
-    keys = [
-        json.loads((tmp_path / d / "r" / "manifest.json").read_text())["items"][0]["keys"] for d in ("again", "bare")
-    ]
+    keys = [read_items(tmp_path / d / "r")[0]["keys"] for d in ("again", "bare")]
     assert keys[0]["latents"] == keys[1]["latents"] and keys[0]["images"] != keys[1]["images"]
 
 
@@ -207,7 +234,8 @@ def test_a_large_request_travels_by_reference(api, tiny_model: Path, tmp_path: P
     path.write_text("a dog\na cat\n")
     manifest = run_generate(file=str(path), model=str(tiny_model), steps=2, height=64, width=64,
                             max_sequence_length=16, out=str(tmp_path), run_id="file")  # fmt: skip
-    assert [item["prompt"] for item in manifest["items"]] == ["a dog", "a cat"]
+    assert [item["prompt"] for item in read_items(tmp_path / "file")] == ["a dog", "a cat"]
+    assert "prompts" not in manifest["request"] and manifest["request"]["prompts_file"]["count"] == 2
 
 
 def test_a_model_saved_as_a_variant_only_loads_with_that_variant(api, tiny_model: Path, tmp_path: Path) -> None:
