@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cli += ["--width", str(args.size), "--max-sequence-length", str(args.max_sequence_length)]
                 cli += ["--batch-size", str(args.batch_size), "--seed", "0", "--guidance", "3.5"]
                 runs[n]["stagediff"].append(round(timed_run(cli, env=env), 3))
-                stages = json.loads((folder / "batch.json").read_text())["runs"][-1]["stages"]
+                stages = json.loads((folder / "batch.json").read_text())["stages"]
                 loads.append({"n": n, **{stage: info["loads"] for stage, info in stages.items()}})
 
     rows, summary = summarize(runs)

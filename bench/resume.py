@@ -36,7 +36,8 @@ from stagediff.stages import decode, denoise
 run_dir, store = Path(sys.argv[1]), sys.argv[2]
 manifest = json.loads((run_dir / "manifest.json").read_text())
 ctx = StageContext(manifest["model"], str(run_dir), store, manifest["dtype"], batch_size=2)
-items = manifest["items"]
+from stagediff.record import Record
+items = list(Record(run_dir / "record.db", "run").items())  # the killed run's items, from its record
 todo = [i for i in items if Store(store).check("latents", i["keys"]["latents"]) is None]
 settings = DenoiseSettings(**manifest["settings"])
 denoise(DenoiseJob(ctx, [DenoiseItem(i["index"], ItemRef(i["index"], "embeddings", i["keys"]["embeddings"], ""),
