@@ -64,7 +64,7 @@ def local_replica(job: ReplicaJob) -> dict[str, Any]:
     lines become this task's. If this process dies, the replica and its stages exit too."""
     logger = get_run_logger()
     try:
-        _, stats = run_isolated("stagediff.replica:run_local_replica", job, name=f"replica-{job.replica}",
+        _, stats = run_isolated("stagediff.replica:run_local_replica", job, name=f"{job.journal}/replica-{job.replica}",
                                 logger=logger)  # fmt: skip
     except StageError as exc:
         raise ReplicaFailed(str(exc)) from None
@@ -128,7 +128,7 @@ def run_replicas(
             pending = list(wait(pending, timeout=GATHER_SECONDS).not_done)
             gather()
     except BaseException:  # cancelled or interrupted: stop the local replicas now, keep what they stored
-        killed = kill_isolated()
+        killed = kill_isolated(jobs[0].journal.rpartition("/")[0] + "/") if jobs else 0
         get_run_logger().warning("stopped %d local replica process(es); what they stored is in the store", killed)
         with contextlib.suppress(Exception):
             gather()

@@ -247,16 +247,25 @@ _live: set[Any] = set()  # the processes run_isolated is waiting for, across thr
 _live_lock = threading.Lock()
 
 
-def kill_isolated() -> int:
-    """Kill every process that run_isolated calls of this process are waiting for (their own children follow:
-    each watches its parent); the calls then raise StageError. For a cancelled run whose waits are in other
-    threads (a fan-out's replicas). Returns how many were killed."""
+_cancelled: set[str] = set()  # name prefixes of run_isolated calls cancelled: they stop, later ones never start
+
+
+def kill_isolated(prefix: str) -> int:
+    """Kill every process that run_isolated calls of this process named `prefix...` are waiting for (their own
+    children follow: each watches its parent), and refuse such calls from now on (StageError): for a cancelled
+    run whose waits are in other threads (a fan-out's replicas, some of them maybe not started yet). Returns
+    how many were killed."""
     with _live_lock:
-        alive = [p for p in _live if p.is_alive()]
+        _cancelled.add(prefix)
+        alive = [p for p in _live if p.is_alive() and p.name.startswith(f"stagediff-{prefix}")]
     for process in alive:
         with contextlib.suppress(Exception):
             process.kill()
     return len(alive)
+
+
+def _is_cancelled(name: str) -> bool:
+    return any(name.startswith(prefix) for prefix in _cancelled)
 
 
 def run_isolated(
@@ -273,6 +282,8 @@ def run_isolated(
     Raises StageError if the stage raises or its process dies.
     """
     logger = logger or log
+    if _is_cancelled(name):
+        raise StageError(f"{name} was cancelled before it started")
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
     alive_recv, alive_send = ctx.Pipe(duplex=False)
@@ -284,6 +295,8 @@ def run_isolated(
         process.start()
     with _live_lock:
         _live.add(process)
+        if _is_cancelled(name):  # cancelled while it started
+            process.kill()
     send.close()
     alive_recv.close()
     started, peak_rss_mb, cuda_mb, outcome = t0, 0.0, None, None
