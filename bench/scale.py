@@ -165,9 +165,13 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
         folder = tmp / f"{mode}-{n}"
         folder.mkdir()
         cmd, images = command(mode, prompts_file(tmp, n), folder)
-        first = run(cmd, images, env, stop_after=max(window, span), window=span)
-        rate = (first["images_in_window"] - first["images_at_first"]) / span
-        resumed = run(cmd, images, env, stop_after=5.0, window=None)
+        try:
+            first = run(cmd, images, env, stop_after=max(window, span), window=span)
+            resumed = run(cmd, images, env, stop_after=5.0, window=None)
+        except RuntimeError as exc:  # reported in the results, the other runs go on
+            rows[n] = {"error": str(exc)[-2000:]}
+            continue
+        rate = ((first["images_in_window"] or first["images_after"]) - first["images_at_first"]) / span
         summary = folder / ("out/r/manifest.json" if mode == "generate" else "batch/batch.json")
         rows[n] = {"run": first, "resumed": resumed, "images_per_s": round(rate, 2),
                    "ratio_to_small": round(rate / small_rate, 3), "stage_peak_rss_mb": stage_rss(summary)}  # fmt: skip
@@ -213,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for mode in args.modes:
         for n, row in results[mode].items():
+            if "error" in row:
+                rows.append([mode, n, "failed", "-", "-", "-", "-", "-"])
+                continue
             resumed = row.get("resumed") or {}
             rows.append([mode, n, row["images_per_s"], row.get("ratio_to_small", 1.0), row["run"]["flow_peak_rss_mb"],
                          row["run"]["flow_to_first_stage_s"], row["run"]["seconds_to_exit_after_sigterm"] or "-",
