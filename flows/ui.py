@@ -93,9 +93,14 @@ def run_artifacts(folder: Any, key: str, title: str) -> None:
     total = counts["items"] + counts["removed"]
     first, latest = [row(e) for e in record.first(TABLE_ROWS)], [row(e) for e in record.latest(TABLE_ROWS)]
     items_table(first, latest, total, key=f"{key}-items", what=str(where / "items.jsonl"))
-    done = [e for e in record.first(GALLERY_IMAGES * 4) if e["status"] == "done"]
-    images = [(where / e["image"], caption(e["prompt"], e["seed"])) for e in done]
-    gallery(images, key=f"{key}-gallery", title=f"{title}: {counts['done']} images", where=str(where))
+    # The gallery shows what this run made; a run that made nothing shows the first images
+    new = list(record.items("WHERE status = 'done' AND run = ? AND made_images != 'reused'", (record.run,),
+                            limit=GALLERY_IMAGES))  # fmt: skip
+    shown = new or list(record.items("WHERE status = 'done'", limit=GALLERY_IMAGES))
+    made = counts["computed_by_this_run"]
+    what = f"first {len(shown)} of the {made} new images" if new else f"first {len(shown)} images"
+    images = [(where / e["image"], caption(e["prompt"], e["seed"])) for e in shown]
+    gallery(images, key=f"{key}-gallery", title=f"{title}: {counts['done']} images, {what}", where=str(where))
 
 
 def _thumbnail(path: Path) -> str:

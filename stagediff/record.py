@@ -128,8 +128,11 @@ class Record:
                        :key_latents, :key_images, 'pending', :seen, :updated)
                    ON CONFLICT(id) DO UPDATE SET idx = excluded.idx, line = excluded.line, seen = excluded.seen,
                        prompt = excluded.prompt, negative_prompt = excluded.negative_prompt, seed = excluded.seed,
-                       settings = excluded.settings, key_embeddings = excluded.key_embeddings,
-                       key_latents = excluded.key_latents, updated = excluded.updated,
+                       settings = excluded.settings, updated = excluded.updated,
+                       sha_embeddings = CASE WHEN items.key_embeddings IS excluded.key_embeddings
+                           THEN items.sha_embeddings END,
+                       sha_latents = CASE WHEN items.key_latents IS excluded.key_latents THEN items.sha_latents END,
+                       key_embeddings = excluded.key_embeddings, key_latents = excluded.key_latents,
                        status = CASE WHEN items.key_images IS excluded.key_images AND items.status IN
                            ('done', 'removed') THEN 'done' ELSE 'pending' END,
                        sha_images = CASE WHEN items.key_images IS excluded.key_images THEN items.sha_images END,
@@ -215,8 +218,10 @@ class Record:
     def entry(self, row: dict[str, Any]) -> dict[str, Any]:
         """An item as the summary and items.jsonl show it."""
         files = {"image": f"images/{row['id']}.png"}
-        if self.layout == "run":
-            files.update(embeddings=f"embeddings/{row['id']}.safetensors", latents=f"latents/{row['id']}.safetensors")
+        if self.layout == "run":  # the intermediates this folder links (none for an item whose image was stored)
+            for kind in ("embeddings", "latents"):
+                if row[f"sha_{kind}"] is not None:
+                    files[kind] = f"{kind}/{row['id']}.safetensors"
         entry = {"index": row["idx"], "id": row["id"]}
         if row["line"] is not None:
             entry["line"] = row["line"]

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from stagediff.isolation import warm_up
+from tests.conftest import read_items
 from tests.reference import read_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,12 +294,11 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
     code, flow_run_id, output = stack.run_deployment("batch/nightly", params)
     assert code == 0, f"{output}\nworker log:\n{tail(stack.logs / 'worker.log')}"
     manifest = json.loads((store / "batch.json").read_text())
-    assert [e["status"] for e in manifest["items"]] == ["done"] * 6 and len(list(store.glob("images/*.png"))) == 6
+    items = read_items(store)
+    assert [e["status"] for e in items] == ["done"] * 6 and len(list(store.glob("images/*.png"))) == 6
     assert manifest["runs"][0]["flow_run_id"] == str(flow_run_id)
     for i in range(2):
-        np.testing.assert_array_equal(
-            read_image(store / manifest["items"][i]["image"]), read_image(direct / f"{i:05d}.png")
-        )
+        np.testing.assert_array_equal(read_image(store / items[i]["image"]), read_image(direct / f"{i:05d}.png"))
 
     # 3. The run's artifacts, task run names and tags, read back through the API
     with stack.client() as client:
@@ -309,24 +309,28 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
     assert by_type["progress"].data == 100
     table = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
     assert [(row["prompt"], row["seed"], row["image"]) for row in table] == [
-        (e["prompt"], e["seed"], str((store / e["image"]).resolve())) for e in manifest["items"]
+        (e["prompt"], e["seed"], str((store / e["image"]).resolve())) for e in items
     ]
     assert by_type["markdown"].data.count("data:image/png;base64,") == 6
-    assert sorted(t.name for t in task_runs) == ["decode [chunk 1/1]", "denoise [chunk 1/1]", "encode [chunk 1/1]"]
+    # the items are streamed: a chunk's label does not know how many chunks follow
+    assert sorted(t.name for t in task_runs) == ["decode [chunk 1]", "denoise [chunk 1]", "encode [chunk 1]"]
     # the device tag has a concurrency limit on this server, the model tag has none: only the flow run carries it
     assert all(DEVICE_TAG in t.tags and "model:tiny-flux" not in t.tags for t in task_runs)
     assert "model:tiny-flux" in flow_run.tags
     assert (flow_run.empirical_policy.retries, flow_run.empirical_policy.retry_delay) == (2, 30)  # prefect.yaml
 
     # 4. Two more lines: only they are computed; the 6 images stay as they were
-    before = {e["id"]: e["sha256"] for e in manifest["items"]}
+    before = {e["id"]: e["sha256"] for e in items}
     prompts_file.write_text("\n".join([*PROMPTS, "a green dog", "a city photo"]) + "\n")
     code, flow_run_id, output = stack.run_deployment("batch/nightly", params)
     assert code == 0, f"{output}\nworker log:\n{tail(stack.logs / 'worker.log')}"
     manifest = json.loads((store / "batch.json").read_text())
-    assert (manifest["runs"][1]["computed"], manifest["runs"][1]["skipped"]) == (2, 6)
-    assert [e["run"] for e in manifest["items"]] == [1] * 6 + [2] * 2
-    assert {e["id"]: e["sha256"] for e in manifest["items"][:6]} == before
+    counts = manifest["counts"]
+    assert (manifest["runs"][1]["computed"], counts["done"] - counts["computed_by_this_run"]) == (2, 6)
+    items = read_items(store)
+    assert [e["run"] for e in items] == [1] * 6 + [2] * 2  # the run that made each image
+    assert [e["made"]["images"] for e in items[6:]] == ["computed"] * 2
+    assert {e["id"]: e["sha256"] for e in items[:6]} == before
     assert len(list(store.glob("images/*.png"))) == 8
     with stack.client() as client:
         artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
@@ -400,6 +404,7 @@ def test_a_cancelled_run_records_cancelled_and_what_was_stored(stack: Stack, tin
     from prefect.states import Cancelling
 
     from stagediff.artifacts import Store
+    from stagediff.record import Record
 
     store = tmp_path / "store"
     params = {
@@ -426,12 +431,18 @@ def test_a_cancelled_run_records_cancelled_and_what_was_stored(stack: Stack, tin
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["status"] == "cancelled", manifest.get("error")
     denoise = manifest["stages"]["denoise"]
-    assert denoise["interrupted"] and 0 < len(denoise["computed"]) < len(PROMPTS)
-    latents = {item["index"]: item["keys"]["latents"] for item in manifest["items"]}
-    assert all(Store(store).check("latents", latents[i]) for i in denoise["computed"])
+    assert denoise["interrupted"] and 0 < denoise["computed"] < len(PROMPTS)
+    record = Record(tmp_path / "c" / "record.db", "run")  # the run did not complete: no items.jsonl
+    items = list(record.items())
+    record.close()
+    computed = [item["index"] for item in items if item["made"]["latents"] == "computed"]
+    assert len(computed) == denoise["computed"]
+    latents = {item["index"]: item["keys"]["latents"] for item in items}
+    assert all(Store(store).check("latents", latents[i]) for i in computed)
 
     code, _, output = stack.run_deployment("generate/ad-hoc", params)
     assert code == 0, f"{output}\nworker log:\n{tail(stack.logs / 'worker.log')}"
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["status"] == "completed"
-    assert set(denoise["computed"]) <= set(manifest["stages"]["denoise"]["reused"])
+    made = {item["index"]: item["made"]["latents"] for item in read_items(tmp_path / "c")}
+    assert all(made[i] == "reused" for i in computed)

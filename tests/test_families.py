@@ -32,6 +32,7 @@ from stagediff.tiny_model import (
     TinySDXLConfig,
     build_tiny_model,
 )
+from tests.conftest import read_items
 from tests.reference import read_image, reference_images
 
 FAMILIES = ("flux", "sd3", "sdxl", "sd15")
@@ -311,11 +312,12 @@ def test_flow_every_family_bit_identical_with_negative_prompts(
         **flow_kwargs(s),
     )  # fmt: skip
     assert manifest["status"] == "completed"
+    items = read_items(tmp_path / "r")
     expected = reference_images(model, PROMPTS, 21, NEGATIVES, **call_kwargs(family, s))
-    assert_identical([read_image(tmp_path / "r" / item["image"]) for item in manifest["items"]], expected)
+    assert_identical([read_image(tmp_path / "r" / item["image"]) for item in items], expected)
     without = reference_images(model, PROMPTS[:1], 21, **call_kwargs(family, settings(family, negatives=False)))
     assert not np.array_equal(expected[0], without[0])  # the negative prompt mattered
-    assert [item["negative_prompt"] for item in manifest["items"]] == NEGATIVES
+    assert [item["negative_prompt"] for item in items] == NEGATIVES
     for stage in ("encode", "denoise", "decode"):
         assert set(manifest["stages"][stage]["device_map"].values()) == {"cpu"}
         assert manifest["stages"][stage]["warnings"] == []
@@ -335,7 +337,7 @@ def test_flow_spreads_denoiser_over_cpu_and_disk(prefect_server, tiny, tmp_path:
     on_disk = json.loads((tmp_path / "r" / "manifest.json").read_text())["stages"]["denoise"]["device_map"]
     assert on_disk == device_map
     expected = reference_images(model, PROMPTS, 8, **call_kwargs("sdxl", s))
-    assert_identical([read_image(tmp_path / "r" / item["image"]) for item in manifest["items"]], expected)
+    assert_identical([read_image(tmp_path / "r" / item["image"]) for item in read_items(tmp_path / "r")], expected)
 
 
 def test_cli_generates_sd3_with_one_negative_prompt_for_all(prefect_server, tiny, tmp_path: Path, capsys) -> None:
@@ -347,10 +349,10 @@ def test_cli_generates_sd3_with_one_negative_prompt_for_all(prefect_server, tiny
     argv += ["--max-sequence-length", "24", "--seed", "1", "--out", str(tmp_path), "--run-id", "cli"]
     assert main(argv) == 0
     assert "device map" in capsys.readouterr().out
-    manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
-    assert [item["negative_prompt"] for item in manifest["items"]] == ["ugly", "ugly"]
+    items = read_items(tmp_path / "cli")
+    assert [item["negative_prompt"] for item in items] == ["ugly", "ugly"]
     expected = reference_images(model, PROMPTS, 1, ["ugly", "ugly"], **call_kwargs("sd3", s))
-    assert_identical([read_image(tmp_path / "cli" / item["image"]) for item in manifest["items"]], expected)
+    assert_identical([read_image(tmp_path / "cli" / item["image"]) for item in items], expected)
 
 
 # 5. Validation: one-line errors before anything loads
@@ -404,11 +406,16 @@ def test_family_options_that_are_accepted(tiny) -> None:
 
 
 def test_cli_negative_prompt_once_or_once_per_prompt(capsys) -> None:
-    from stagediff.cli import expand_negative_prompts, main
+    from stagediff.cli import check_negative_prompts, main
+    from stagediff.request import RequestError
 
-    assert expand_negative_prompts(["n"], ["a", "b", "c"]) == ["n", "n", "n"]
-    assert expand_negative_prompts(["x", "y"], ["a", "b"]) == ["x", "y"]
-    assert expand_negative_prompts(None, ["a"]) is None
+    assert check_negative_prompts(["n"], 3, from_file=False) == ["n"]  # one for all: each item takes it
+    assert check_negative_prompts(["n"], 3, from_file=True) == ["n"]
+    assert check_negative_prompts(["x", "y"], 2, from_file=False) == ["x", "y"]
+    assert check_negative_prompts(None, 1, from_file=False) is None
+    for count, from_file in ((3, False), (2, True)):
+        with pytest.raises(RequestError, match="negative_prompt"):
+            check_negative_prompts(["x", "y"], count, from_file=from_file)
     argv = ["generate", "--prompt", "a", "--prompt", "b", "--prompt", "c", "--negative-prompt", "x"]
     assert main([*argv, "--negative-prompt", "y"]) == 2
     assert "negative_prompt" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from stagediff.jobs import (
 )
 from stagediff.replica import cpu_shares
 from stagediff.tiny_model import TinyFluxConfig, TinySD3Config, build_tiny_model
+from tests.conftest import read_items
 from tests.reference import read_image
 
 PROMPTS = [f"a red dog number {i}" for i in range(8)]
@@ -186,7 +187,8 @@ def test_the_command_line_records_the_split_in_the_manifest(prefect_server, mode
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "part 1 on cpu: transformer_blocks." in proc.stdout
     manifest = json.loads((out / "split" / "manifest.json").read_text())
-    assert manifest["status"] == "completed" and len(manifest["items"]) == 3
+    assert manifest["status"] == "completed" and manifest["counts"]["items"] == 3
+    assert [item["prompt"] for item in read_items(out / "split")] == ["a dog", "a cat", "a bird"]
     (process,) = manifest["stages"]["denoise"]["processes"]
     parts = process["pipeline"]["parts"]
     assert [len(p["blocks"]) for p in parts] == [1, 2] or [len(p["blocks"]) for p in parts] == [2, 1]
@@ -235,7 +237,8 @@ def test_fan_out_replicas_each_split_in_parts(prefect_server, models: dict[str, 
         assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "out" / "both" / "manifest.json").read_text())
     assert [r["status"] for r in manifest["replicas"]] == ["completed", "completed"]
-    for stages in manifest["stages"].values():
+    assert len(manifest["replica_stages"]) == 2
+    for stages in manifest["replica_stages"].values():
         (process,) = stages["denoise"]["processes"]
         assert len(process["pipeline"]["parts"]) == 2
     for i in range(3):

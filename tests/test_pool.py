@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import read_items
 from tests.reference import read_image, reference_images
 from tests.test_deployments import (
     POOL,
@@ -129,11 +130,12 @@ def test_two_workers_compute_the_shares_into_the_bucket_then_a_killed_share_is_r
     expected = reference_images(tiny_model, PROMPTS, seed=3, num_inference_steps=2, height=64, width=64,
                                 max_sequence_length=16)  # fmt: skip
     manifest = fan_out(pool, s3, tiny_model, tmp_path, f"s3://{BUCKET}/one", "one")
-    assert [item["prompt"] for item in manifest["items"]] == PROMPTS
-    for item, reference in zip(manifest["items"], expected, strict=True):
+    items = read_items(tmp_path / "one")
+    assert [item["prompt"] for item in items] == PROMPTS
+    for item, reference in zip(items, expected, strict=True):
         np.testing.assert_array_equal(read_image(tmp_path / "one" / item["image"]), reference)
     replicas = manifest["replicas"]
-    assert [r["items"] for r in replicas] == [[0, 1, 2], [3, 4]]
+    assert [r["items"] for r in replicas] == [[0, 3], [3, 5]]  # [start, stop) of each share
     assert len({r["flow_run_id"] for r in replicas}) == 2
     assert sorted(r["seen"]["CUDA_VISIBLE_DEVICES"] for r in replicas) == ["0", "1"]  # one per worker
     objects = bucket(s3, "one")
@@ -153,17 +155,22 @@ def test_two_workers_compute_the_shares_into_the_bucket_then_a_killed_share_is_r
     assert killed, "no replica process found on device 1"
     failed = json.loads((tmp_path / "two" / "manifest.json").read_text())
     share = next(r for r in failed["replicas"] if r["status"] == "failed")
-    named = f"replica {share['replica']} (items {share['items'][0]}-{share['items'][-1]})"
+    start, stop = share["items"]
+    named = f"replica {share['replica']} (items {start}-{stop - 1})"
     assert "1 of 2 replicas failed" in str(error.value) and named in str(error.value)
     other = next(r for r in failed["replicas"] if r["status"] == "completed")
 
     # The rerun computes only what the store lacks: nothing of the other share, the rest of the killed one
     again = fan_out(pool, s3, tiny_model, tmp_path, f"s3://{BUCKET}/two", "two")
-    stages = {int(replica): info for replica, info in again["stages"].items()}
-    assert all(info["computed"] == [] for info in stages[other["replica"]].values())
-    assert stages[share["replica"]]["encode"]["computed"] == []  # encoded before the kill
-    assert 0 < len(stages[share["replica"]]["decode"]["computed"]) <= len(share["items"])
-    for item, reference in zip(again["items"], expected, strict=True):
+    stages = {int(replica): info for replica, info in again["replica_stages"].items()}
+    assert all(info["computed"] == 0 for info in stages[other["replica"]].values())
+    assert stages[share["replica"]]["encode"]["computed"] == 0  # encoded before the kill
+    assert 0 < stages[share["replica"]]["decode"]["computed"] <= stop - start
+    items = read_items(tmp_path / "two")
+    run = again["runs"][-1]["run"]
+    computed = [item["index"] for item in items if item["run"] == run and item["made"]["images"] == "computed"]
+    assert len(computed) == stages[share["replica"]]["decode"]["computed"] and set(computed) <= set(range(start, stop))
+    for item, reference in zip(items, expected, strict=True):
         np.testing.assert_array_equal(read_image(tmp_path / "two" / item["image"]), reference)
 
 

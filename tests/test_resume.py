@@ -19,7 +19,9 @@ import pytest
 
 from stagediff.artifacts import ArtifactError, Store
 from stagediff.isolation import StageError
+from stagediff.record import Record
 from stagediff.tiny_model import TinyFluxConfig, build_tiny_flux
+from tests.conftest import read_items
 from tests.reference import read_image, reference_images
 
 PROMPTS = ["a red dog", "a cat in the city", "a forest at night", "blue sky photo"]
@@ -48,13 +50,34 @@ def count(store: Path, stage: str) -> int:
 
 
 def files_of(run_dir: Path, field: str) -> list[bytes]:
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    return [(run_dir / item[field]).read_bytes() for item in manifest["items"]]
+    return [(run_dir / item[field]).read_bytes() for item in read_items(run_dir)]
 
 
-def did(manifest: dict, stage: str) -> tuple[bool, list[int], list[int]]:
+def did(manifest: dict, stage: str) -> tuple[bool, int, int]:
+    """(no process started, items computed, items reused) of one stage of the run."""
     info = manifest["stages"][stage]
     return info["skipped"], info["computed"], info["reused"]
+
+
+def recorded(run_dir: Path) -> list[dict]:
+    """Every item of a run that did not complete, from its record."""
+    record = Record(run_dir / "record.db", "run")
+    try:
+        return list(record.items())
+    finally:
+        record.close()
+
+
+def which(items: list[dict], stage: str, made: str) -> list[int]:
+    """The items whose artifact of `stage` the last run over the folder `made` (computed, reused, recomputed)."""
+    return [item["index"] for item in items if item["made"][KINDS[stage]] == made]
+
+
+def images_computed_by(manifest: dict, items: list[dict]) -> list[int]:
+    """The items whose image the manifest's run computed (an item its record held done before keeps the run
+    and `made` that recorded it)."""
+    run = manifest["runs"][-1]["run"]
+    return [item["index"] for item in items if item["run"] == run and item["made"]["images"] == "computed"]
 
 
 def ancestors(pid: int) -> list[int]:
@@ -113,13 +136,26 @@ def reference(prefect_server, tiny_model: Path, tmp_path_factory: pytest.TempPat
     root = tmp_path_factory.mktemp("reference")
     manifest = generate(tiny_model, root / "out", "ref", root / "store")
     run_dir = root / "out" / "ref"
-    return {"store": root / "store", "manifest": manifest, **{f: files_of(run_dir, f) for f in ("latents", "image")}}
+    return {"store": root / "store", "manifest": manifest, "items": read_items(run_dir),
+            **{f: files_of(run_dir, f) for f in ("latents", "image")}}  # fmt: skip
 
 
 def assert_same_as(reference: dict, run_dir: Path) -> None:
     """Bit-identical: the same latent tensors (safetensors headers order their metadata freely), the same PNGs."""
-    assert tensors(files_of(run_dir, "latents")) == tensors(reference["latents"])
+    assert tensors(latents_of(run_dir)) == tensors(reference["latents"])
     assert files_of(run_dir, "image") == reference["image"]
+
+
+def latents_of(run_dir: Path) -> list[bytes]:
+    """Each item's latents: the run folder's link, or the store's object for an item whose image the store held
+    when the folder's first run met it (a run links no earlier artifact of such an item)."""
+    store = Store(json.loads((run_dir / "manifest.json").read_text())["store"])
+    return [
+        (run_dir / item["latents"]).read_bytes()
+        if "latents" in item
+        else store.load("latents", item["keys"]["latents"])
+        for item in read_items(run_dir)
+    ]
 
 
 def tensors(files: list[bytes]) -> list[bytes]:
@@ -150,18 +186,25 @@ def test_kill_9_of_stage_processes_at_several_points_then_rerun(
         if (stage, after) == ("encode", 1):
             assert count(store, "encode") == 1  # the first batch, and only it
         if (stage, after) == ("denoise", 0):  # this run encoded only what the killed one had not
-            assert did(manifest, "encode") == (False, [1, 2, 3], [0])
+            assert did(manifest, "encode") == (False, 3, 1)
+            items = recorded(run_dir)
+            assert which(items, "encode", "computed") == [1, 2, 3] and which(items, "encode", "reused") == [0]
         if (stage, after) == ("denoise", 1):
-            assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
+            assert did(manifest, "encode") == (True, 0, 4)
             assert count(store, "denoise") == 1
         if (stage, after) == ("decode", 1):
-            assert did(manifest, "denoise") == (False, [1, 2, 3], [0])
+            assert did(manifest, "denoise") == (False, 3, 1)
+            items = recorded(run_dir)
+            assert which(items, "denoise", "computed") == [1, 2, 3] and which(items, "denoise", "reused") == [0]
     manifest = generate(tiny_model, out, "r", store)
     assert manifest["status"] == "completed"
     # Finished stages did no work: no process, nothing computed
-    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "decode") == (False, [1, 2, 3], [0])
+    assert did(manifest, "encode") == (True, 0, 4)
+    assert did(manifest, "denoise") == (True, 0, 4)
+    assert did(manifest, "decode") == (False, 3, 1)
+    items = read_items(run_dir)
+    assert images_computed_by(manifest, items) == [1, 2, 3]
+    assert items[0]["run"] < manifest["runs"][-1]["run"] or items[0]["made"]["images"] == "reused"
     assert manifest["stages"]["encode"]["pid"] is None and manifest["stages"]["denoise"]["pid"] is None
     assert_same_as(reference, run_dir)
 
@@ -205,19 +248,23 @@ def test_kill_9_of_the_whole_flow_in_each_stage_then_stagediff_resume(
         if stage != "encode":  # the stage before it finished in this command, computing only what was missing
             previous = {"denoise": "encode", "decode": "denoise"}[stage]
             computed = manifest["stages"][previous]["computed"]
-            assert 0 < len(computed) < 4 and manifest["stages"][previous]["reused"] == [
-                i for i in range(4) if i not in computed
-            ]
+            assert 0 < computed < 4 and manifest["stages"][previous]["reused"] == 4 - computed
+            items = recorded(out / "r")
+            computed_items = which(items, previous, "computed")
+            assert len(computed_items) == computed
+            assert which(items, previous, "reused") == [i for i in range(4) if i not in computed_items]
     images_before = written_keys(store, "decode")
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
     assert main(["resume", str(out / "r")]) == 0
     manifest = json.loads((out / "r" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["store"] == str(store)
-    done_before = [item["index"] for item in manifest["items"] if item["keys"]["images"] in images_before]
-    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "decode") == (False, [i for i in range(4) if i not in done_before], done_before)
+    items = read_items(out / "r")
+    done_before = [item["index"] for item in items if item["keys"]["images"] in images_before]
+    assert did(manifest, "encode") == (True, 0, 4)
+    assert did(manifest, "denoise") == (True, 0, 4)
+    assert did(manifest, "decode") == (False, 4 - len(done_before), len(done_before))
+    assert images_computed_by(manifest, items) == [i for i in range(4) if i not in done_before]
     assert "encode   no process: all 4 items in the store" in capsys.readouterr().out
     assert_same_as(reference, out / "r")
 
@@ -244,24 +291,27 @@ def test_two_concurrent_runs_over_one_store_compute_every_artifact_once(
     for thread in threads:
         thread.join(600)
     assert not errors, errors
+    items = {name: read_items(out / name) for name in manifests}
     for stage in FIELDS:
-        computed = Counter(
-            m["items"][i]["keys"][KINDS[stage]] for m in manifests.values() for i in m["stages"][stage]["computed"]
-        )
-        every = {item["keys"][KINDS[stage]] for m in manifests.values() for item in m["items"]}
+        kind = KINDS[stage]
+        every_item = [item for run in items.values() for item in run]
+        computed = Counter(item["keys"][kind] for item in every_item if item["made"][kind] == "computed")
+        every = {item["keys"][kind] for item in every_item}
         assert set(computed) == every and set(computed.values()) == {1}, (stage, computed)
-    assert len({item["keys"]["embeddings"] for m in manifests.values() for item in m["items"]}) == 4
+        # the stages' counts say the same as the items
+        assert sum(m["stages"][stage]["computed"] for m in manifests.values()) == sum(computed.values()), stage
+    assert len({item["keys"]["embeddings"] for run in items.values() for item in run}) == 4
     kwargs = dict(num_inference_steps=2, guidance_scale=3.5, height=64, width=64, max_sequence_length=16)
-    for name, manifest in manifests.items():
+    for name in manifests:
         expected = reference_images(tiny_model, prompts[name], seed=5, **kwargs)
-        for item, image in zip(manifest["items"], expected, strict=True):
+        for item, image in zip(items[name], expected, strict=True):
             np.testing.assert_array_equal(read_image(out / name / item["image"]), image)
 
 
-def damage(store: Store, manifest: dict, index: int, field: str, how: str) -> str:
+def damage(store: Store, items: list[dict], index: int, field: str, how: str) -> str:
     """Damage one item's object in the store; return its path."""
     kind = {"embeddings": "embeddings", "latents": "latents", "image": "images"}[field]
-    key = manifest["items"][index]["keys"][kind]
+    key = items[index]["keys"][kind]
     name = store.object_name(kind, key)
     data = store.load(kind, key)
     if how == "truncate":
@@ -269,7 +319,7 @@ def damage(store: Store, manifest: dict, index: int, field: str, how: str) -> st
     elif how == "flip":
         store.write(name, data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
     else:  # foreign: another item's object with a record that claims to be this one
-        other = manifest["items"][(index + 1) % len(manifest["items"])]["keys"][kind]
+        other = items[(index + 1) % len(items)]["keys"][kind]
         record = json.loads(store.read(store.record_name(kind, other)))
         store.write(name, store.load(kind, other))
         store.write(store.record_name(kind, key), json.dumps({**record, "key": key}).encode())
@@ -285,17 +335,27 @@ def test_damaged_artifacts_are_recomputed_with_a_warning_or_stop_a_strict_run(
 
     shutil.copytree(reference["store"], tmp_path / "store")
     store, out = Store(tmp_path / "store"), tmp_path / "out"
-    manifest = reference["manifest"]
+    items = reference["items"]
     damaged = {
-        ("embeddings", 2): damage(store, manifest, 2, "embeddings", "flip"),
-        ("latents", 1): damage(store, manifest, 1, "latents", "truncate"),
-        ("image", 3): damage(store, manifest, 3, "image", "foreign"),
+        ("embeddings", 2): damage(store, items, 2, "embeddings", "flip"),
+        ("latents", 1): damage(store, items, 1, "latents", "truncate"),
+        ("image", 3): damage(store, items, 3, "image", "foreign"),
     }
+    # An item whose image the store holds (verified) needs nothing of its earlier stages: without their images,
+    # items 1 and 2 go through every stage, which finds their damaged embeddings and latents
+    for index in (1, 2):
+        key = items[index]["keys"]["images"]
+        store.remove(store.record_name("images", key))
+        store.remove(store.object_name("images", key))
     result = generate(tiny_model, out, "r", store.location)
     # Each damaged artifact was recomputed, nothing else; what depends on it was not (same key)
-    assert did(result, "encode") == (False, [2], [0, 1, 3]) and result["stages"]["encode"]["damaged"] == [2]
-    assert did(result, "denoise") == (False, [1], [0, 2, 3]) and result["stages"]["denoise"]["damaged"] == [1]
-    assert did(result, "decode") == (False, [3], [0, 1, 2]) and result["stages"]["decode"]["damaged"] == [3]
+    made = read_items(out / "r")
+    assert did(result, "encode") == (False, 1, 3) and result["stages"]["encode"]["damaged"] == 1
+    assert [item["made"]["embeddings"] for item in made[1:]] == ["reused", "recomputed", "reused"]
+    assert did(result, "denoise") == (False, 1, 3) and result["stages"]["denoise"]["damaged"] == 1
+    assert [item["made"]["latents"] for item in made[1:]] == ["recomputed", "reused", "reused"]
+    assert did(result, "decode") == (False, 3, 1) and result["stages"]["decode"]["damaged"] == 1
+    assert [item["made"]["images"] for item in made] == ["reused", "computed", "computed", "recomputed"]
     assert_same_as(reference, out / "r")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     for path in damaged.values():
@@ -303,7 +363,7 @@ def test_damaged_artifacts_are_recomputed_with_a_warning_or_stop_a_strict_run(
 
     # --strict: the run stops at the first damaged artifact, naming it, before any stage process, and a
     # refusal changes nothing: no record for a new run, the completed run's record as it was
-    path = damage(store, manifest, 0, "latents", "flip")
+    path = damage(store, items, 0, "latents", "flip")
     with pytest.raises(ArtifactError, match=f"artifact {path} is corrupted"):
         generate(tiny_model, out, "strict", store.location, strict=True)
     assert not (out / "strict").exists()
@@ -326,27 +386,27 @@ def test_only_decode_changes_load_no_text_encoder_and_no_transformer(
     shutil.rmtree(other_vae / "vae")
     shutil.copytree(build_tiny_flux(tmp_path / "seed7", TinyFluxConfig(seed=7)) / "vae", other_vae / "vae")
     manifest = generate(other_vae, tmp_path / "out", "vae", tmp_path / "store")
-    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "decode") == (False, [0, 1, 2, 3], [])
+    assert did(manifest, "encode") == (True, 0, 4)
+    assert did(manifest, "denoise") == (True, 0, 4)
+    assert did(manifest, "decode") == (False, 4, 0)
     assert tensors(files_of(tmp_path / "out" / "vae", "latents")) == tensors(reference["latents"])
     assert files_of(tmp_path / "out" / "vae", "image") != reference["image"]
     # Only the steps change: the embeddings are reused
     manifest = generate(tiny_model, tmp_path / "out", "steps", tmp_path / "store", steps=3)
-    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "denoise")[1] == [0, 1, 2, 3]
+    assert did(manifest, "encode") == (True, 0, 4)
+    assert did(manifest, "denoise")[1] == 4
 
 
 def test_a_store_at_an_fsspec_url(reference: dict, tiny_model: Path, tmp_path: Path) -> None:
     url = f"file://{tmp_path / 'store'}"
     first = generate(tiny_model, tmp_path / "out", "one", url, prompts=PROMPTS[:2])
     again = generate(tiny_model, tmp_path / "out", "two", url, prompts=PROMPTS[:2])
-    assert [did(first, s)[1] for s in FIELDS] == [[0, 1]] * 3
+    assert [did(first, s)[1] for s in FIELDS] == [2] * 3
     assert [did(again, s)[0] for s in FIELDS] == [True] * 3
     run_dir = tmp_path / "out" / "two"
     assert files_of(run_dir, "image") == reference["image"][:2]
     store = Store(url)
-    image = store.path(store.object_name("images", again["items"][0]["keys"]["images"]))
+    image = store.path(store.object_name("images", read_items(run_dir)[0]["keys"]["images"]))
     assert not os.path.samefile(image, run_dir / "images" / "00000.png")  # URL stores copy
 
 
@@ -362,24 +422,25 @@ def test_a_flow_run_with_retries_runs_again_after_a_transient_failure_reusing_th
 
     import stagediff.flows.generate as module
     from stagediff.request import ImageSettings, Output, Placement, Prompts, RequestError
+    from stagediff.run_manifest import RunFolder
 
-    record, failed = module.record, []
+    on_stored, failed = RunFolder.on_stored, []
 
-    def flaky_record(manifest, run_dir, store, engine, stage, refs) -> None:
-        record(manifest, run_dir, store, engine, stage, refs)
-        if stage == "denoise" and not failed:  # encode's and denoise's artifacts are in the store by now
-            failed.append(stage)
+    def flaky_on_stored(self, stored) -> None:
+        on_stored(self, stored)
+        if stored.stage == "denoise" and not failed:  # encode's and denoise's artifacts are in the store by now
+            failed.append(stored.stage)
             raise ConnectionError("the Prefect server went away for a moment")
 
-    monkeypatch.setattr(module, "record", flaky_record)
+    monkeypatch.setattr(RunFolder, "on_stored", flaky_on_stored)
     flow = module.generate.with_options(retries=1, retry_delay_seconds=0)
     settings = ImageSettings(**{k: v for k, v in SETTINGS.items() if k != "seed"})
     prompts = Prompts(prompts=PROMPTS, seed=SETTINGS["seed"])
     output = Output(out=str(tmp_path / "out"), run_id="r", store=str(tmp_path / "store"))
     manifest = flow(prompts, settings, str(tiny_model), Placement(), output)
     assert failed == ["denoise"] and manifest["status"] == "completed"
-    assert did(manifest, "encode") == (True, [], [0, 1, 2, 3]) and did(manifest, "denoise") == (True, [], [0, 1, 2, 3])
-    assert did(manifest, "decode") == (False, [0, 1, 2, 3], [])
+    assert did(manifest, "encode") == (True, 0, 4) and did(manifest, "denoise") == (True, 0, 4)
+    assert did(manifest, "decode") == (False, 4, 0)
 
     bad = Prompts(file=str(tmp_path / "missing.txt"))
     with pytest.raises(RequestError, match="invalid prompts_file="):
