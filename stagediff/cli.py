@@ -15,6 +15,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from stagediff.artifacts import ArtifactError, Store, read_manifest
 from stagediff.default_model import default_model_dir
@@ -26,6 +27,8 @@ from stagediff.request import (
     RunOptions,
     check_new_folder,
     check_store,
+    check_store_folder,
+    check_writable,
     checked_prompts_file,
     new_run_id,
     validate_request,
@@ -57,6 +60,30 @@ def parse_pair(parameter: str, value: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error, as every other refusal: the usage block is one `--help` away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def integer(text: str) -> int:
+    """An integer option's value: ASCII digits only (int() also takes "٤", "1_000" and spaces)."""
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be an integer in ASCII digits (0-9)")
+    return int(text)
+
+
+def number(text: str) -> float:
+    """A number option's value: ASCII only (float() also takes "٤.٥")."""
+    try:
+        if text.isascii():
+            return float(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be a number in ASCII digits, such as 3.5")
+
+
 THREADS_HELP = (
     "without GPUs: torch threads per replica, each on its share of the cores (default: torch's own count, as "
     "one process uses: the same images bit for bit; fewer can be faster but may change the last bit)"
@@ -64,7 +91,7 @@ THREADS_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stagediff", description=__doc__.splitlines()[0])
+    parser = Parser(prog="stagediff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate images through the staged Prefect flow")
@@ -82,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="diffusers pipeline folder or Hub id: FLUX.1, SD3, SDXL or SD 1.5 (default: the embedded tiny Flux model)",
     )
-    gen.add_argument("--seed", type=int, default=0, help="prompt i is seeded with SEED + i")
+    gen.add_argument("--seed", type=integer, default=0, help="prompt i is seeded with SEED + i")
     add_settings(gen)
-    gen.add_argument("--true-cfg-scale", type=float, default=1.0, help="FLUX.1: > 1 runs true CFG with negatives")
+    gen.add_argument("--true-cfg-scale", type=number, default=1.0, help="FLUX.1: > 1 runs true CFG with negatives")
     gen.add_argument("--original-size", metavar="H,W", help="SDXL micro-conditioning (default: the image size)")
     gen.add_argument("--crop-top-left", metavar="TOP,LEFT", help="SDXL micro-conditioning (default: 0,0)")
     gen.add_argument("--target-size", metavar="H,W", help="SDXL micro-conditioning (default: the image size)")
@@ -94,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--store", help="artifact store shared by runs: a folder or fsspec URL (default: OUT/.store)")
     add_run_options(gen)
     fan = gen.add_argument_group("fan-out (data-parallel replicas; see README)")
-    fan.add_argument("--replicas", type=int, help="replicas, each over a contiguous share of the prompts")
+    fan.add_argument("--replicas", type=integer, help="replicas, each over a contiguous share of the prompts")
     fan.add_argument("--device-groups", metavar='"0,1;2,3"', help="one replica per group of GPU indexes")
     fan.add_argument("--pool", help="a work pool: each share runs as a flow run of its replica/POOL deployment")
-    fan.add_argument("--threads", type=int, help=THREADS_HELP)
+    fan.add_argument("--threads", type=integer, help=THREADS_HELP)
     fan.add_argument(
         "--storage-options", metavar="JSON", help='fsspec options of a URL store, e.g. {"endpoint_url": ...}'
     )
@@ -106,14 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("prompts_file", metavar="FILE", help=".txt (a prompt a line), .jsonl or .csv (see README)")
     batch.add_argument("--store", default="outputs/batch", help="the batch's folder, kept from run to run")
     batch.add_argument("--model", help="diffusers pipeline folder or Hub id (default: the embedded tiny Flux model)")
-    batch.add_argument("--seed", type=int, default=0, help="an item without its own seed gets SEED + its position")
+    batch.add_argument("--seed", type=integer, default=0, help="an item without its own seed gets SEED + its position")
     add_settings(batch, " (of items without their own)")
     add_placement(batch)
     add_run_options(batch)
     fan = batch.add_argument_group("fan-out (data-parallel replicas on this machine; see README)")
-    fan.add_argument("--replicas", type=int, help="replicas, each over a contiguous share of the items to do")
+    fan.add_argument("--replicas", type=integer, help="replicas, each over a contiguous share of the items to do")
     fan.add_argument("--device-groups", metavar='"0,1;2,3"', help="one replica per group of GPU indexes")
-    fan.add_argument("--threads", type=int, help=THREADS_HELP)
+    fan.add_argument("--threads", type=integer, help=THREADS_HELP)
 
     resume = commands.add_parser("resume", help="finish a run: compute only what its store lacks")
     resume.add_argument("run", metavar="OUT/RUN", help="the run folder (its manifest.json holds the request)")
@@ -135,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write a tiny random pipeline of one family (offline)")
     tiny.add_argument("dir")
     tiny.add_argument("--family", default="flux", choices=["flux", "sd3", "sdxl", "sd15"])
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=integer, default=0)
     return parser
 
 
@@ -144,16 +171,16 @@ MODEL_DEFAULT = "default: the model's pipeline default"
 
 def add_settings(parser: argparse.ArgumentParser, whose: str = "") -> None:
     """ImageSettings' fields; an option left out takes the model family's pipeline default."""
-    parser.add_argument("--steps", type=int, help=f"denoising steps{whose} ({MODEL_DEFAULT})")
-    parser.add_argument("--guidance", type=float, help=f"guidance scale, FLUX.1: distilled{whose} ({MODEL_DEFAULT})")
-    parser.add_argument("--height", type=int, help=f"pixels, a multiple of 16{whose} ({MODEL_DEFAULT})")
-    parser.add_argument("--width", type=int, help=f"pixels, a multiple of 16{whose} ({MODEL_DEFAULT})")
-    parser.add_argument("--max-sequence-length", type=int, help=f"T5 tokens, 1 to 512 ({MODEL_DEFAULT})")
+    parser.add_argument("--steps", type=integer, help=f"denoising steps{whose} ({MODEL_DEFAULT})")
+    parser.add_argument("--guidance", type=number, help=f"guidance scale, FLUX.1: distilled{whose} ({MODEL_DEFAULT})")
+    parser.add_argument("--height", type=integer, help=f"pixels, a multiple of 16{whose} ({MODEL_DEFAULT})")
+    parser.add_argument("--width", type=integer, help=f"pixels, a multiple of 16{whose} ({MODEL_DEFAULT})")
+    parser.add_argument("--max-sequence-length", type=integer, help=f"T5 tokens, 1 to 512 ({MODEL_DEFAULT})")
 
 
 def add_placement(parser: argparse.ArgumentParser) -> None:
     """Placement's fields."""
-    parser.add_argument("--batch-size", type=int, default=1, help="items per forward pass in every stage")
+    parser.add_argument("--batch-size", type=integer, default=1, help="items per forward pass in every stage")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--max-memory", help='memory per device, e.g. "0=16GiB,1=16GiB,cpu=64GiB"')
     parser.add_argument("--offload-dir", help="folder for weights offloaded to disk")
@@ -161,13 +188,13 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sliced-decode", action="store_true", help="decode one image of a batch at a time")
     parser.add_argument("--variant", help="weights variant to load, e.g. fp16 (files *.fp16.safetensors)")
     parser.add_argument("--revision", help="with a Hub id: the branch, tag or commit to load (default: main)")
-    parser.add_argument("--pipeline-stages", type=int, default=1, help="split the denoiser into N parts, one "
+    parser.add_argument("--pipeline-stages", type=integer, default=1, help="split the denoiser into N parts, one "
                         "process (GPU) each, and stream micro-batches (--batch-size items) through them")  # fmt: skip
     parser.add_argument("--pipeline-split", help="blocks where parts 2..N start, comma-separated, e.g. "
                         "single_transformer_blocks.4 (default: equal estimated compute)")  # fmt: skip
     parser.add_argument(
         "--micro-batch-size",
-        type=int,
+        type=integer,
         help="with --pipeline-stages: items per micro-batch "
         "(batches are cut into micro-batches that stream through the parts; default: a batch)",
     )
@@ -176,11 +203,11 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """RunOptions' fields."""
     parser.add_argument("--strict", action="store_true", help="stop at a damaged artifact instead of recomputing it")
-    parser.add_argument("--retries", type=int, default=0, help="retries of a failed stage (0 to 10)")
+    parser.add_argument("--retries", type=integer, default=0, help="retries of a failed stage (0 to 10)")
     parser.add_argument(
         "--no-metadata", action="store_true", help="PNGs without what made them (A1111 parameters, JSON)"
     )
-    parser.add_argument("--chunk-size", type=int, help="items per chunk; each stage loads its model once a chunk "
+    parser.add_argument("--chunk-size", type=integer, help="items per chunk; each stage loads its model once a chunk "
                         "(default: 64, then sized so that loading costs at most 3%% of a chunk)")  # fmt: skip
 
 
@@ -238,7 +265,16 @@ def request_of(args: argparse.Namespace) -> GenerateRequest:
         settings=settings, placement=placement_of(args), out=args.out, run_id=args.run_id or new_run_id(),
     )  # fmt: skip
     model = args.model or str(default_model_dir())
-    return validate_request(**fields, model=model, check_model=args.model is not None)
+    request = validate_request(**fields, model=model, check_model=args.model is not None)
+    if getattr(args, "pool", None) is None:  # a pool's replicas offload on their own machines
+        check_offload_dir(request)
+    return request
+
+
+def check_offload_dir(request: GenerateRequest) -> None:
+    """`--offload-dir` is, or can become, a folder this process may write into (the stages write it late)."""
+    if request.placement.offload_dir is not None:
+        check_writable("offload_dir", request.placement.offload_dir)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -260,6 +296,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not is_old_format(manifest) and "prompts_file" in fields:  # its prompts as the run stored them
         fields["prompts_file"] = recorded_prompts(args.run, fields["prompts_file"], manifest, store)
     request = validate_request(**fields, model=model, check_model=model_arg is not None)
+    check_offload_dir(request)
     if model_arg is not None and manifest.get("model_hash"):
         from stagediff.keys import model_hash, model_identity
 
@@ -299,6 +336,7 @@ def run_flow(
     """Run the generate flow for a checked request and print where its images are and what each stage did."""
     from stagediff.run_manifest import open_run
 
+    prompts = prompts_of(request)  # inline prompts too large for flow parameters are refused before any import
     check_store(store, request.out, storage_options)
     open_run(request)  # refuses a run id that holds a different run, before any work
 
@@ -311,7 +349,6 @@ def run_flow(
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output
 
-    prompts = prompts_of(request)
     output = Output(out=request.out, run_id=request.run_id, store=store)
     with progress_bars(), without_prefect_heartbeats():
         manifest = generate(prompts, request.settings, model, request.placement, output, options, storage_options)
@@ -360,6 +397,7 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
     from stagediff.run_manifest import open_run
 
     groups = plan_replicas(args.replicas, args.device_groups, args.pool, args.store, args.threads)
+    prompts = prompts_of(request)
     storage_options = parse_json_object("storage_options", args.storage_options)
     check_store(args.store, request.out, storage_options)
     open_run(request)
@@ -374,7 +412,6 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output
 
-    prompts = prompts_of(request)
     output = Output(out=request.out, run_id=request.run_id, store=args.store)
     device_groups = [g["devices"] for g in groups] if args.device_groups is not None else None
     with without_prefect_heartbeats():
@@ -415,6 +452,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     request = validate_request(
         **fields, model=args.model or str(default_model_dir()), check_model=args.model is not None
     )
+    check_offload_dir(request)
     options = run_options_of(args)
     device_groups = None
     if any(getattr(args, name) is not None for name in ("replicas", "device_groups", "threads")):
@@ -427,6 +465,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except BatchFileError as exc:
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    check_writable("store", args.store)
+    check_store_folder(Path(args.store) / ".store")  # the artifacts of the batch folder
     from stagediff.prefect_api import choose_api
 
     choose_api()  # the flow starts the stage forkserver itself

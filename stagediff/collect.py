@@ -21,7 +21,7 @@ from stagediff.artifacts import Store
 from stagediff.artifacts.store import KINDS
 from stagediff.request import RequestError
 
-_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$", re.ASCII)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 

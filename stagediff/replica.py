@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagediff.artifacts.store import is_url
-from stagediff.request import ImageSettings, Placement, RequestError, RunOptions, visible_gpus
+from stagediff.request import ImageSettings, Placement, RequestError, RunOptions, check_gpu_ids, visible_gpus
 from stagediff.sources import Source
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def parse_device_groups(value: str | list[str]) -> list[str]:
     seen: set[str] = set()
     for group in groups:
         devices = group.split(",")
-        if not group or not all(device.isdigit() for device in devices):
+        if not group or not all(device.isascii() and device.isdigit() for device in devices):
             raise ValueError('must be device groups such as "0,1;2,3": GPU indexes, "," within a group, ";" between')
         if seen & set(devices):
             raise ValueError("a device may belong to one group only")
@@ -194,6 +194,8 @@ def plan_replicas(
             groups = parse_device_groups(device_groups)
         except ValueError as exc:
             raise RequestError("device_groups", device_groups, str(exc)) from None
+        if pool is None:  # a pool's workers have GPUs of their own
+            check_gpu_ids("device_groups", device_groups, [d for group in groups for d in group.split(",")])
         return [{"devices": group, "cpus": None, "threads": None} for group in groups]
     if replicas is None:
         replicas = 1

@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import (
     BaseModel,
@@ -46,8 +46,9 @@ WEIGHTED_COMPONENTS = (
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
-_DEVICE = re.compile(r"^(\d+|cpu|mps|cuda:\d+|xpu:\d+)$")
+_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)  # ASCII digits only
+_DEVICE = re.compile(r"^([0-9]+|cpu|mps|cuda:[0-9]+|xpu:[0-9]+)$")
+_ENDPOINT = re.compile(r"https?://[^\s/?#]+(/\S*)?", re.IGNORECASE)  # a storage endpoint: scheme and host
 _COMPONENT = re.compile(
     r"(text_encoder|tokenizer)(_\d)?|vae|unet|transformer|scheduler|safety_checker|feature_extractor|image_encoder"
 )
@@ -448,9 +449,23 @@ def parse_max_memory(value: str | dict[str, Any] | None) -> dict[str, str] | Non
     gpus = len(visible_gpus())
     for device in mapping:
         index = device.removeprefix("cuda:")
-        if index.isdigit() and int(index) >= gpus:
+        if index.isdecimal() and int(index) >= gpus:
             raise RequestError("max_memory", value, f"names GPU {index}, but this machine has {gpus} GPU(s)")
     return mapping
+
+
+def check_gpu_ids(parameter: str, value: Any, devices: list[str]) -> None:
+    """GPU ids as CUDA_VISIBLE_DEVICES takes them (device groups): each must be one of the GPUs this process sees,
+    or the replica would run on the CPU (no such GPU) or on a GPU CUDA_VISIBLE_DEVICES hides."""
+    gpus = visible_gpus()
+    for device in devices:
+        if device in gpus:
+            continue
+        if os.environ.get("CUDA_VISIBLE_DEVICES") and gpus:
+            allowed = f"names GPU {device}, but CUDA_VISIBLE_DEVICES shows this process only GPU(s) {','.join(gpus)}"
+        else:
+            allowed = f"names GPU {device}, but this machine has {len(gpus)} GPU(s)"
+        raise RequestError(parameter, value, allowed)
 
 
 def read_text_file(parameter: str, path: str | Path, what: str) -> str:
@@ -593,14 +608,14 @@ def check_store(store: str | None, out: str, options: dict[str, Any] | None = No
     `options`: a URL store's fsspec storage options."""
     from stagediff.artifacts.store import is_url
 
+    check_storage_options(options)
     if store is None or store == "":
         check_writable("out", out)
-        return str((Path(out) / ".store").absolute())
+        return check_store_folder(Path(out) / ".store")  # held to what --store is: a real folder, writable
     if not is_url(store):
         if Path(store).exists() and not Path(store).is_dir():
             raise RequestError("store", store, "must be a folder (it is created if missing) or an fsspec URL")
-        check_writable("store", store)
-        return str(Path(store).absolute())
+        return check_store_folder(store)
     import fsspec
 
     try:
@@ -611,12 +626,104 @@ def check_store(store: str | None, out: str, options: dict[str, Any] | None = No
     return store
 
 
+# The folders of a local store that a run writes into (artifacts/store.py's layout): objects/ and locks/ hold a
+# folder per kind, each holding a folder per key prefix (objects/<kind>/<key[:2]>/).
+STORE_FOLDERS = {"objects": True, "locks": True, "runs": False, "requests": False}
+
+
+def check_store_folder(path: str | Path) -> str:
+    """A local store: a folder this process may write into or create (`check_writable`), and so are the folders
+    of it that runs write into, where they exist; its absolute path. Else RequestError, nothing created."""
+    from stagediff.artifacts.store import KINDS
+
+    check_writable("store", path)
+    root = Path(path).absolute()
+
+    def there(folder: Path) -> bool:
+        """Whether `folder` exists; RequestError if it is not a folder this process may list and write into."""
+        if not folder.exists() and not folder.is_symlink():
+            return False
+        if not folder.is_dir():
+            what = "is not a folder"
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            what = "is not writable"
+        elif not os.access(folder, os.R_OK):
+            what = "is not readable"
+        else:
+            return True
+        raise RequestError("store", str(path), f"must be a store this process can write into; {folder} {what}")
+
+    for name, per_kind in STORE_FOLDERS.items():
+        if there(root / name) and per_kind:
+            for kind in KINDS:
+                if there(root / name / kind):
+                    for shard in (root / name / kind).iterdir():
+                        if len(shard.name) == 2:
+                            there(shard)
+    return str(root)
+
+
+# fsspec storage options that s3fs (and the S3 client it makes) takes as strings, and the ones it takes as flags.
+STRING_OPTIONS = ("endpoint_url", "key", "secret", "token", "profile", "username", "password")
+CLIENT_STRING_OPTIONS = (
+    "endpoint_url",
+    "region_name",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+)
+FLAG_OPTIONS = ("anon", "use_ssl", "requester_pays", "version_aware")
+SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                  "aws_session_token"}  # fmt: skip
+
+
+def check_storage_options(options: Any) -> None:
+    """A URL store's fsspec storage options: a JSON object whose known entries have the types the filesystem
+    takes (an endpoint an http(s) URL), else RequestError before any client is made. Unknown entries pass
+    through; secrets are never shown."""
+    if options is None:
+        return
+
+    def refuse(allowed: str) -> NoReturn:
+        shown = options if not isinstance(options, dict) else json.dumps(hidden(options), default=str)
+        raise RequestError("storage_options", shown, allowed)
+
+    if not isinstance(options, dict):
+        refuse('must be a JSON object, e.g. {"endpoint_url": "http://127.0.0.1:9000"}')
+    client = options.get("client_kwargs")
+    for name in ("client_kwargs", "config_kwargs", "s3_additional_kwargs"):
+        if options.get(name) is not None and not isinstance(options[name], dict):
+            refuse(f"{name} must be a JSON object")
+    entries = [(name, options, name) for name in STRING_OPTIONS]
+    entries += [(f"client_kwargs.{name}", client or {}, name) for name in CLIENT_STRING_OPTIONS]
+    for shown, where, name in entries:
+        value = where.get(name)
+        if value is None:
+            continue
+        if name == "endpoint_url":
+            if not isinstance(value, str) or not _ENDPOINT.fullmatch(value):
+                refuse(f'{shown} must be an http(s) URL such as "http://127.0.0.1:9000"')
+        elif not isinstance(value, str):
+            refuse(f"{shown} must be a string")
+    for name in FLAG_OPTIONS:
+        if options.get(name) is not None and not isinstance(options[name], bool):
+            refuse(f"{name} must be true or false")
+
+
+def hidden(options: Any) -> Any:
+    """Storage options as a message may show them: the values of secrets replaced by "***"."""
+    if isinstance(options, dict):
+        return {k: "***" if k in SECRET_OPTIONS else hidden(v) for k, v in options.items()}
+    return options
+
+
 def check_writable(parameter: str, path: str | Path) -> None:
     """`path` is, or can become, a folder this process may write into: else RequestError, nothing created."""
     path = Path(path).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
     if existing.is_symlink() and existing == path:
-        raise RequestError(parameter, str(path), "is a symbolic link: stagediff writes only into real folders")
+        allowed = "is a symbolic link: stagediff writes only into real folders (give the folder it points to)"
+        raise RequestError(parameter, str(path), allowed)
     if not existing.is_dir():
         what = "is a file" if existing == path else f"lies under {existing}, which is not a folder"
         raise RequestError(parameter, str(path), f"must be a folder (or not exist yet); it {what}")

@@ -18,6 +18,7 @@ from stagediff.cli import main
 from stagediff.replica import cpu_shares, default_torch_threads, split
 from stagediff.stages.work import cpu_list
 from stagediff.tiny_model import TinySD15Config, build_tiny_model
+from tests.conftest import read_items
 from tests.reference import read_image, reference_images
 
 PROMPTS = ["a red dog", "a cat in the city", "a forest at night", "blue sky photo", "a lighthouse"]
@@ -41,9 +42,9 @@ def expected(tiny_model: Path) -> list[np.ndarray]:
 
 
 def images(run_dir: Path) -> list[np.ndarray]:
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert [item["prompt"] for item in manifest["items"]] == PROMPTS
-    return [read_image(run_dir / item["image"]) for item in manifest["items"]]
+    items = read_items(run_dir)
+    assert [item["prompt"] for item in items] == PROMPTS
+    return [read_image(run_dir / item["image"]) for item in items]
 
 
 def test_shares_are_contiguous_and_the_first_ones_longer() -> None:
@@ -77,8 +78,7 @@ def test_cpu_replicas_and_launcher_ranks_give_the_plain_pipeline_s_bits(tmp_path
                           env={**os.environ, "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     for run in ("fan", "ranks"):
-        manifest = json.loads((out / run / "manifest.json").read_text())
-        for item, reference in zip(manifest["items"], expected, strict=True):
+        for item, reference in zip(read_items(out / run), expected, strict=True):
             np.testing.assert_array_equal(read_image(out / run / item["image"]), reference, err_msg=run)
 
 
@@ -88,8 +88,10 @@ def test_cpu_replicas_and_launcher_ranks_give_the_plain_pipeline_s_bits(tmp_path
     ids=["replicas", "device-groups"],
 )
 def test_two_replicas_over_five_prompts_equal_one_replica_in_order(
-    api, tiny_model: Path, expected: list[np.ndarray], tmp_path: Path, option: list[str], seen: str
+    api, tiny_model: Path, expected: list[np.ndarray], tmp_path: Path, option: list[str], seen: str, monkeypatch
 ) -> None:
+    if "--device-groups" in option:  # groups must name GPUs this process sees: two, as far as it can tell
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     out = tmp_path / "out"
     code = main(["generate", "--model", str(tiny_model), *PROMPT_ARGS, *ARGS, "--seed", "3", "--out", str(out),
                  "--run-id", "fan", *option])  # fmt: skip
@@ -98,7 +100,7 @@ def test_two_replicas_over_five_prompts_equal_one_replica_in_order(
         np.testing.assert_array_equal(image, reference)
     manifest = json.loads((out / "fan" / "manifest.json").read_text())
     replicas = manifest["replicas"]
-    assert [r["items"] for r in replicas] == [[0, 1, 2], [3, 4]]
+    assert [r["items"] for r in replicas] == [[0, 3], [3, 5]]  # [start, stop) of each share
     assert [r["status"] for r in replicas] == ["completed", "completed"]
     assert len({r["pid"] for r in replicas}) == 2 and os.getpid() not in {r["pid"] for r in replicas}
     # each replica's stage processes saw its own device setting
@@ -115,7 +117,8 @@ def test_more_replicas_than_prompts_leave_the_extra_ones_idle(api, tiny_model: P
                  "--run-id", "idle", "--replicas", "3"])  # fmt: skip
     assert code == 0
     replicas = json.loads((out / "idle" / "manifest.json").read_text())["replicas"]
-    assert [(r["items"], r["status"]) for r in replicas] == [([0], "completed"), ([1], "completed"), ([], "idle")]
+    assert [(r["items"], r["status"]) for r in replicas] == [([0, 1], "completed"), ([1, 2], "completed"),
+                                                             ([2, 2], "idle")]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -168,7 +171,7 @@ def test_the_seeds_launchers_write_the_five_right_images_in_order(
     for image, reference in zip(images(out / "launched"), expected, strict=True):
         np.testing.assert_array_equal(image, reference)
     replicas = json.loads((out / "launched" / "manifest.json").read_text())["replicas"]
-    assert [r["items"] for r in replicas] == [[0, 1, 2], [3, 4]] and len({r["pid"] for r in replicas}) == 2
+    assert [r["items"] for r in replicas] == [[0, 3], [3, 5]] and len({r["pid"] for r in replicas}) == 2
     assert shutil.which(str(binary))
 
 
@@ -179,10 +182,13 @@ def test_a_batch_with_two_replicas_writes_every_line_s_image(
     prompts_file.write_text("".join(f"{p}\n" for p in PROMPTS))
     args = ["batch", str(prompts_file), "--store", str(folder), "--model", str(tiny_model), *ARGS, "--seed", "3"]
     assert main([*args, "--replicas", "2"]) == 0
-    manifest = json.loads((folder / "batch.json").read_text())
-    for entry, reference in zip(manifest["items"], expected, strict=True):
+    summary = json.loads((folder / "batch.json").read_text())
+    for entry, reference in zip(read_items(folder), expected, strict=True):
         np.testing.assert_array_equal(read_image(folder / entry["image"]), reference)
-    run = manifest["runs"][-1]
-    assert [r["items"] for r in run["replicas"]] == [[0, 1, 2], [3, 4]] and run["status"] == "completed"
-    assert main([*args, "--replicas", "2"]) == 0  # nothing left to do: no replica has items
-    assert json.loads((folder / "batch.json").read_text())["runs"][-1]["computed"] == 0
+    run = summary["runs"][-1]
+    assert [r["items"] for r in summary["replicas"]] == [[0, 3], [3, 5]] and run["status"] == "completed"
+    assert run["computed"] == 5
+    assert main([*args, "--replicas", "2"]) == 0  # nothing left to do: no replica computes anything
+    summary = json.loads((folder / "batch.json").read_text())
+    assert summary["runs"][-1]["computed"] == 0 and summary["counts"]["computed_by_this_run"] == 0
+    assert all(info["computed"] == 0 for stages in summary["replica_stages"].values() for info in stages.values())

@@ -36,6 +36,12 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.mkfifo(root / "fifo.txt")
     (root / "elsewhere").mkdir()
     (root / "out" / "link").symlink_to(root / "elsewhere")
+    (root / "linked").mkdir()
+    (root / "linked" / ".store").symlink_to(root / "elsewhere")  # the default store OUT/.store, a link
+    (root / "damaged" / "objects").mkdir(parents=True)
+    (root / "damaged" / "objects" / "latents").write_text("not a folder\n")
+    (root / "damaged-batch" / ".store").mkdir(parents=True)
+    (root / "damaged-batch" / ".store" / "objects").write_text("not a folder\n")
 
     def broken(name: str, edit) -> None:
         model = root / name
@@ -66,10 +72,13 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def table(model: str) -> list[tuple[list[str], str]]:
-    """(command, first line of stderr after "stagediff: error: ")."""
+def table(model: str, work: Path) -> list[tuple[list[str], str]]:
+    """(command, the start of its one line of stderr: after "stagediff: error: ", or the whole line when it
+    starts with "stagediff " (an option argparse refuses: "stagediff generate: error: argument ..."))."""
     gen = ["generate", "--prompt", "a dog", *SMALL, "--model", model]
     negatives = ["--negative-prompt", "x", "--negative-prompt", "y"]
+    s3 = ["--store", "s3://bucket/store", "--storage-options"]
+    too_large = [arg for _ in range(3) for arg in ("--prompt", "x" * 100_000)]  # an argument is at most 128 KiB
     return [
         ([*gen, "--original-size", "²,2"], "invalid original_size='²,2': must be two integers"),
         (["generate", "--prompts-file", "a.txt/x", "--model", model], "invalid prompts_file='a.txt/x': must be an"),
@@ -131,6 +140,64 @@ def table(model: str) -> list[tuple[list[str], str]]:
             f"invalid model='{HUB_ID}': is not in the Hugging Face",
         ),
         (["gc", "file"], "invalid store='file'"),
+        (["gc", "store", "--older-than", "\u0667d"], "invalid older_than='\u0667d': must be a duration such as 7d"),
+        ([*gen, "--offload-dir", "file"], f"invalid offload_dir='{work / 'file'}': must be a folder (or not exist"),
+        ([*gen, "--offload-dir", "a.txt/x"], f"invalid offload_dir='{work / 'a.txt/x'}': must be a folder (or not"),
+        (["batch", "a.txt", "--store", "b", "--model", model, "--offload-dir", "file"], "invalid offload_dir="),
+        (
+            [*gen, "--store", "damaged"],
+            f"invalid store='damaged': must be a store this process can write into; {work}/damaged/objects/latents "
+            "is not a folder",
+        ),
+        (["gc", "damaged"], "invalid store='damaged': must be a store this process can write into"),
+        (
+            ["batch", "a.txt", "--store", "damaged-batch", "--model", model],
+            f"invalid store='damaged-batch/.store': must be a store this process can write into; {work}/damaged-batch"
+            "/.store/objects is not a folder",
+        ),
+        (
+            [*gen, "--out", "linked"],
+            f"invalid store='{work}/linked/.store': is a symbolic link: stagediff writes only into real folders",
+        ),
+        ([*gen, *s3, "[1]"], "invalid storage_options='[1]': must be a JSON object"),
+        *[
+            ([*gen, *s3, options], f"invalid storage_options={options!r}: {allowed}")
+            for options, allowed in [
+                ('{"endpoint_url": 5}', "endpoint_url must be an http(s) URL such as"),
+                ('{"endpoint_url": "localhost:9000"}', "endpoint_url must be an http(s) URL such as"),
+                ('{"client_kwargs": {"region_name": 1}}', "client_kwargs.region_name must be a string"),
+                ('{"client_kwargs": []}', "client_kwargs must be a JSON object"),
+                ('{"anon": "yes"}', "anon must be true or false"),
+            ]
+        ],
+        (  # a secret is never shown
+            [*gen, *s3, '{"key": "k", "secret": 5}'],
+            """invalid storage_options='{"key": "***", "secret": "***"}': secret must be a string""",
+        ),
+        ([*gen, "--device-groups", "0;1"], "invalid device_groups='0;1': names GPU 0, but this machine has 0 GPU(s)"),
+        ([*gen, "--device-groups", "٠"], "invalid device_groups='٠': must be device groups such as"),
+        (
+            ["batch", "a.txt", "--store", "b", "--model", model, "--device-groups", "1"],
+            "invalid device_groups='1': names GPU 1, but this machine has 0 GPU(s)",
+        ),
+        (
+            [*gen, "--steps", "٤"],
+            "stagediff generate: error: argument --steps: invalid value '٤': must be an integer in ASCII digits "
+            "(0-9) (see stagediff generate --help)",
+        ),
+        ([*gen, "--guidance", "٣.٥"], "stagediff generate: error: argument --guidance: invalid value '٣.٥': must be"),
+        (["tiny-model", "new", "--seed", "1_0"], "stagediff tiny-model: error: argument --seed: invalid value '1_0'"),
+        (["batch", "a.txt", "--replicas", "²"], "stagediff batch: error: argument --replicas: invalid value '²'"),
+        (
+            ["generate", "--model", model],
+            "stagediff generate: error: one of the arguments --prompt --prompts-file is required (see stagediff "
+            "generate --help)",
+        ),
+        (["nope"], "argument command: invalid choice: 'nope'"),
+        (
+            ["generate", *too_large, *SMALL, "--model", model],
+            "invalid prompts='3 prompts': are too large to travel as flow parameters (over 256 KB)",
+        ),
     ]
 
 
@@ -148,7 +215,7 @@ def test_every_bad_input_is_one_line_exit_2_and_changes_nothing(tiny_model: Path
     (tmp_path / "hf").mkdir()  # an empty Hugging Face cache, never to be downloaded into
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     failures = []
-    for args, expected in table(str(tiny_model)):
+    for args, expected in table(str(tiny_model), work):
         before = snapshot(work)
         proc = subprocess.run([sys.executable, "-c", RUN, *args], cwd=work, env=env, capture_output=True,
                               text=True, timeout=60)  # fmt: skip
@@ -156,16 +223,31 @@ def test_every_bad_input_is_one_line_exit_2_and_changes_nothing(tiny_model: Path
         problems = []
         if proc.returncode != 2:
             problems.append(f"exit {proc.returncode}")
-        if len(err) != 1 or not err[0].startswith(f"stagediff: error: {expected}"):
+        start = expected if expected.startswith("stagediff ") else f"stagediff: error: {expected}"
+        if len(err) != 1 or not err[0].startswith(start):
             problems.append(f"stderr {proc.stderr.strip()[:300]!r}")
         if proc.stdout.split()[-2:] != ["False", "False"]:
             problems.append(f"imported {proc.stdout.strip()[-60:]!r}")
         if snapshot(work) != before:
             problems.append("files changed")
         if problems:
-            failures.append(f"{args}: {'; '.join(problems)}")
+            failures.append(f"{[arg[:40] for arg in args]}: {'; '.join(problems)}")
     assert not failures, "\n".join(failures)
     assert not any((tmp_path / "hf").iterdir())
+
+
+def test_a_store_folder_a_run_cannot_write_into_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without write permission (which binds every user but root, so it is simulated here)."""
+    from stagediff.request import RequestError, check_store
+
+    shard = tmp_path / "store" / "objects" / "latents" / "ab"
+    shard.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != shard and access(path, mode))
+    with pytest.raises(RequestError, match=f"must be a store this process can write into; {shard} is not writable"):
+        check_store(str(tmp_path / "store"), "out")
+    monkeypatch.undo()
+    assert check_store(str(tmp_path / "store"), "out") == str(tmp_path / "store")
 
 
 def test_an_unreachable_prefect_server_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
