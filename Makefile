@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# The server keeps concurrency leases on disk (PREFECT_HOME), not in memory: a restart then forgets no slot holder,
+# and a slot whose holder died is freed when its lease expires (60 s), so the device limit cannot leak.
+export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE ?= prefect.server.concurrency.lease_storage.filesystem
 
 .PHONY: install demo test test-all test-gpu gpu-check gpu-check-dry lint format bench clean
 
@@ -23,9 +26,9 @@ demo: install  ## a real generation through Prefect on the embedded tiny model
 test: install  ## the CPU test suite (what CI runs)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -q --ignore=tests/test_deployments.py --ignore=tests/test_pool.py
+	$(VENV)/bin/pytest -q --ignore=tests/test_deployments.py --ignore=tests/test_pool.py --ignore=tests/test_slots.py
 	# The deployment and pool end-to-end tests point this process' Prefect client at servers of their own: own process.
-	$(VENV)/bin/pytest -q tests/test_deployments.py tests/test_pool.py
+	$(VENV)/bin/pytest -q tests/test_deployments.py tests/test_pool.py tests/test_slots.py
 
 test-all: install  ## also the opt-in slow tests (and the GPU tests, which skip without CUDA)
 	$(VENV)/bin/pytest -q -m "slow or not slow"
@@ -62,6 +65,8 @@ server: install  ## a local Prefect server (API and UI) on http://127.0.0.1:$(PO
 
 deploy: install  ## the work pool, the device limit, the crashed-run automation and every deployment in prefect.yaml
 	$(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(VENV)/bin/prefect work-pool create $(POOL) --type process
+	$(VENV)/bin/prefect work-queue inspect control --pool $(POOL) >/dev/null 2>&1 || \
+		$(VENV)/bin/prefect work-queue create control --pool $(POOL)
 	$(VENV)/bin/prefect concurrency-limit create device:$(DEVICE) 1
 	# The automation is created once: asked of the API by its exact name (exit 3: none yet; any other failure stops).
 	$(PY) -c 'import json, sys; from prefect.client.orchestration import get_client; \
@@ -71,6 +76,10 @@ deploy: install  ## the work pool, the device limit, the crashed-run automation 
 	else exit $$status; fi
 	PWD=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
 
-worker: install  ## a process worker that runs at most LIMIT (1) flow runs at a time (heartbeats every 30 s: see deploy/)
-	STAGEDIFF_DEVICE=$(DEVICE) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 $(VENV)/bin/prefect worker start --pool $(POOL) \
-		--type process --limit $(LIMIT)
+# Two workers: one for the `default` queue that runs at most LIMIT flow runs at a time (stages, replicas), and one
+# for the `control` queue (fan-out parents, which only wait on their replicas: no limit). Heartbeats every 30 s.
+worker: install  ## the pool's workers on this machine: LIMIT (1) flow runs at a time, and fan-out parents
+	@export STAGEDIFF_DEVICE=$(DEVICE) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30; \
+	$(VENV)/bin/prefect worker start --pool $(POOL) --type process --work-queue control & control=$$!; \
+	trap 'kill $$control 2>/dev/null' EXIT INT TERM; \
+	$(VENV)/bin/prefect worker start --pool $(POOL) --type process --work-queue default --limit $(LIMIT)

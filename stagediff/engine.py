@@ -301,12 +301,10 @@ class Engine:
                 on_item = lambda index, stage=stage: progress.stored(stage, index)  # noqa: E731
                 try:
                     if self.prefect_tasks:
-                        from stagediff.tasks import run_stage  # the flows' Prefect task (imports Prefect)
+                        from stagediff.tasks import run_stage_task  # the flows' Prefect task (imports Prefect)
 
-                        task = run_stage.with_options(
-                            name=stage, task_run_name=f"{stage} [{label}]", retries=self.retries, tags=self.tags
-                        )
-                        result = task(stage, job, on_item=on_item)
+                        result = run_stage_task(stage, job, on_item, f"{stage} [{label}]", self.retries, self.tags,
+                                                self.logger)  # fmt: skip
                     else:
                         result = run_stage_process(stage, job, on_item, self.logger)
                 except BaseException:  # what its process had stored is in the store: record it, a rerun reuses it

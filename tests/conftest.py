@@ -46,3 +46,12 @@ def read_items(folder: str | Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (Path(folder) / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def makefile_env() -> dict[str, str]:
+    """The `export NAME ?= VALUE` settings of the Makefile: the servers and workers the tests start run as
+    `make server` and `make worker` run them."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    return dict(re.findall(r"^export (\w+) \?= (.+)$", text, flags=re.MULTILINE))
