@@ -107,7 +107,8 @@ def batch(
                 jobs = share_jobs(
                     count, groups, request.model, source, request.placement, options, artifact_store, None,
                     store_dir / "replicas", f"fanout/batch-{folder.record.run}-{flow_run_id or 'local'}",
-                    kind="batch", seed=seed, settings=request.settings,
+                    f"batch {store_dir.name} run {folder.record.run}", kind="batch", seed=seed,
+                    settings=request.settings,
                 )  # fmt: skip
                 results, folder.extra["replicas"], failed = run_replicas(jobs, blobs, folder, progress, None, None)
                 folder.extra["replica_stages"] = {r["replica"]: r["stages"] for r in results}

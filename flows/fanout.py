@@ -83,6 +83,7 @@ def pool_replica(job: ReplicaJob, pool: str, job_variables: dict[str, Any] | Non
         f"replica/{pool}",
         parameters={"store": job.store, "job": name, "store_options": job.store_options},
         job_variables=job_variables,
+        flow_run_name=job.title or None,
         timeout=None,
         as_subflow=True,
     )
@@ -104,7 +105,11 @@ def run_replicas(
     shares, named."""
     started = time.time()
     futures = {
-        job.replica: (pool_replica.submit(job, pool, job_variables) if pool else local_replica.submit(job))
+        job.replica: (
+            pool_replica.with_options(task_run_name=job.title).submit(job, pool, job_variables)
+            if pool
+            else local_replica.with_options(task_run_name=job.title).submit(job)
+        )
         for job in jobs
         if job.count
     }
@@ -127,9 +132,13 @@ def run_replicas(
         while pending:
             pending = list(wait(pending, timeout=GATHER_SECONDS).not_done)
             gather()
-    except BaseException:  # cancelled or interrupted: stop the local replicas now, keep what they stored
-        killed = kill_isolated(jobs[0].journal.rpartition("/")[0] + "/") if jobs else 0
-        get_run_logger().warning("stopped %d local replica process(es); what they stored is in the store", killed)
+    except BaseException:  # cancelled or interrupted: stop the replicas now, keep what they stored
+        if pool:
+            with contextlib.suppress(Exception):
+                cancel_pool_replicas()
+        else:
+            killed = kill_isolated(jobs[0].journal.rpartition("/")[0] + "/") if jobs else 0
+            get_run_logger().warning("stopped %d local replica process(es); what they stored is in the store", killed)
         with contextlib.suppress(Exception):
             gather()
         raise
@@ -155,6 +164,33 @@ def run_replicas(
     return results, entries, failed
 
 
+def cancel_pool_replicas() -> None:
+    """Cancel this flow run's replica flow runs that have not ended: a running one is set Cancelling (its worker
+    stops its process), one no worker took yet is Cancelled."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Cancelling
+
+    if flow_run.id is None:
+        return
+    waiting = (StateType.SCHEDULED, StateType.PENDING)
+    ongoing = FlowRunFilterStateType(any_=[*waiting, StateType.RUNNING, StateType.PAUSED])
+    children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id]),
+                             state=FlowRunFilterState(type=ongoing))  # fmt: skip
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=children)
+        for run in runs:
+            state = Cancelled() if run.state_type in waiting else Cancelling()
+            client.set_flow_run_state(run.id, state, force=True)
+    get_run_logger().warning("cancelled %d replica flow run(s); what they stored is in the store", len(runs))
+
+
 def failure(failed: list[str], jobs: list[ReplicaJob]) -> str:
     busy = sum(bool(job.count) for job in jobs)
     kept = "the others' items are in the store" if len(failed) < busy else "what they stored is in the store"
@@ -164,19 +200,24 @@ def failure(failed: list[str], jobs: list[ReplicaJob]) -> str:
 
 def share_jobs(
     count: int, groups: list[dict[str, Any]], model: str, source: Source, placement: Placement, options: RunOptions,
-    store: str, store_options: dict[str, Any] | None, work_dir: Path | None, result_prefix: str, **item_fields: Any,
+    store: str, store_options: dict[str, Any] | None, work_dir: Path | None, result_prefix: str, parent: str,
+    **item_fields: Any,
 ) -> list[ReplicaJob]:  # fmt: skip
     """One job per replica: its contiguous range of the `count` items of `source` (the first ranges one longer),
-    devices, CPUs, threads; `item_fields`: how items are made (kind, seed, negative_prompts, settings)."""
+    devices, CPUs, threads; `parent` names the run in its title ("fan-out RUN"); `item_fields`: how items are made
+    (kind, seed, negative_prompts, settings)."""
+    n = len(groups)
     return [
         ReplicaJob(
             replica=r, model=model, source=source, start=share.start, stop=share.stop, placement=placement,
             options=options, store=store, store_options=store_options, devices=group["devices"], cpus=group["cpus"],
             threads=group["threads"],
             work_dir=None if work_dir is None else str(work_dir / str(r)), result=f"{result_prefix}/{r}.json",
+            title=f"replica {r + 1}/{n} of {parent} " + (f"(items {share.start}-{share.stop - 1})" if share.stop >
+                                                         share.start else "(no items)"),
             **item_fields,
         )
-        for r, (group, share) in enumerate(zip(groups, split(count, len(groups)), strict=True))
+        for r, (group, share) in enumerate(zip(groups, split(count, n), strict=True))
     ]  # fmt: skip
 
 
@@ -236,7 +277,8 @@ def fanout(
         jobs = share_jobs(
             request.count, groups, request.model, source, request.placement, options, store_location,
             storage_options, None if pool else run_dir / "replicas",
-            f"fanout/{request.run_id}-{flow_run.id or new_run_id()}", kind="generate", seed=request.seed,
+            f"fanout/{request.run_id}-{flow_run.id or new_run_id()}", f"fan-out {request.run_id}", kind="generate",
+            seed=request.seed,
             negative_prompts=request.negative_prompts, settings=request.settings,
         )  # fmt: skip
         folder = RunFolder(run_dir, "run", "manifest.json", run_summary_base(request, source, store_location, engine))

@@ -10,10 +10,11 @@ from prefect import flow, get_run_logger
 
 from stagediff.artifacts import Store
 from stagediff.flows.running import heartbeats, refusals_are_final
+from stagediff.flows.ui import label_flow_run
 from stagediff.replica import ReplicaJob, run_replica
 
 
-@flow(name="replica", flow_run_name="replica {job}", log_prints=True)
+@flow(name="replica", log_prints=True)
 def replica(store: str, job: str, store_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute one share of a fan-out into the shared store.
 
@@ -28,6 +29,7 @@ def replica(store: str, job: str, store_options: dict[str, Any] | None = None) -
         raise FileNotFoundError(f"replica job {job} is not in the store {store}")
     with refusals_are_final():  # a job that is not a ReplicaJob is never retried
         replica_job = ReplicaJob.model_validate_json(data)
+    label_flow_run(replica_job.title or f"replica {replica_job.replica + 1} ({job})")
     with heartbeats():
         result = run_replica(replica_job, prefect_tasks=True, logger=get_run_logger())
     return {"replica": result["replica"], "items": len(result["items"]), "pid": result["pid"]}

@@ -5,7 +5,10 @@ bad input."""
 from __future__ import annotations
 
 import contextvars
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 
 import prefect
 from prefect import get_client, get_run_logger
+from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
@@ -146,40 +150,69 @@ def refusals_are_final() -> Iterator[None]:
 
 # deploy/crash-zombie-flow-runs.json marks a flow run Crashed after 90 s without a heartbeat
 HEARTBEAT_SECONDS = 30
+CANCEL_POLL_SECONDS = 2.0  # how often a run no worker watches asks whether it was cancelled
 
 
 @contextmanager
 def heartbeats() -> Iterator[None]:
-    """This flow run's heartbeat events, every 30 s while the block runs, unless Prefect sends them as often.
+    """This flow run's heartbeat events, every 30 s while the block runs, unless Prefect sends them as often;
+    and, for a run that no worker or runner started (the command line), its cancel.
 
     Prefect sends one every 180 s by default: with the automation of `make deploy`, a run of two minutes
     would be marked Crashed while it runs. Deployments' runs beat every 30 s (prefect.yaml); the command
     line turns Prefect's own heartbeats off (`without_prefect_heartbeats`), because the end of a flow run
     waits for their thread's current 1 s sleep (0.5 s a run on average). This thread waits on an event
     instead, so it stops the moment the block ends.
+
+    A worker stops the process of a run cancelled in the UI or with `prefect flow-run cancel`; nothing stops
+    a command's own process. Here the thread asks for the run's state every CANCEL_POLL_SECONDS, and on a
+    cancel sends this process the SIGTERM a worker would: the flow stops its stages and replicas and
+    records `cancelled`.
     """
     from prefect.events import emit_event
     from prefect.settings import get_current_settings
 
     frequency = get_current_settings().flows.heartbeat_frequency
     context = FlowRunContext.get()
-    if (frequency is not None and frequency <= HEARTBEAT_SECONDS) or context is None or context.flow_run is None:
+    if context is None or context.flow_run is None:
         yield
         return
     run = context.flow_run
+    beat = frequency is None or frequency > HEARTBEAT_SECONDS
+    started_by_worker = os.environ.get("PREFECT__FLOW_RUN_ID") == str(run.id)
+    watch = not started_by_worker and threading.current_thread() is threading.main_thread()  # signals go there
+    if not beat and not watch:
+        yield
+        return
     resource = {"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name,
                 "prefect.version": prefect.__version__}  # fmt: skip
     related = [{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow"}]
+    logger = get_run_logger()
     stop = threading.Event()
 
-    def beat() -> None:
-        while True:
-            emit_event(event="prefect.flow-run.heartbeat", resource=resource, related=related)
-            if stop.wait(HEARTBEAT_SECONDS):
-                return
+    def cancelled(client: Any) -> bool:
+        try:
+            state = client.read_flow_run(run.id).state
+        except Exception:  # the server may be restarting: ask again next time
+            return False
+        return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+
+    def loop() -> None:
+        next_beat = 0.0
+        with get_client(sync_client=True) as client:
+            while True:
+                if beat and time.monotonic() >= next_beat:
+                    emit_event(event="prefect.flow-run.heartbeat", resource=resource, related=related)
+                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                if watch and cancelled(client):
+                    logger.warning("flow run %s was cancelled: stopping its work", run.name)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                if stop.wait(CANCEL_POLL_SECONDS if watch else HEARTBEAT_SECONDS):
+                    return
 
     # the thread sees this one's Prefect settings (its API URL), as Prefect's own heartbeat thread does
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(loop,), daemon=True)
     thread.start()
     try:
         yield

@@ -59,6 +59,7 @@ class ReplicaJob(BaseModel):
     threads: int | None = Field(default=None, ge=1, description="torch threads of its stage processes; None: torch's.")
     work_dir: str | None = Field(default=None, description="Its folder for offloaded weights; None: a temporary one.")
     result: str = Field(description="Store-relative name of its result; its journal's segments are in RESULT/.")
+    title: str = Field(default="", description="Its name in the UI: replica 1/2 of fan-out RUN (items 0-47).")
 
     @property
     def journal(self) -> str:

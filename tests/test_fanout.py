@@ -192,3 +192,48 @@ def test_a_batch_with_two_replicas_writes_every_line_s_image(
     summary = json.loads((folder / "batch.json").read_text())
     assert summary["runs"][-1]["computed"] == 0 and summary["counts"]["computed_by_this_run"] == 0
     assert all(info["computed"] == 0 for stages in summary["replica_stages"].values() for info in stages.values())
+
+
+def test_a_cancel_of_a_command_line_fan_out_stops_its_replicas_within_10_s(
+    prefect_server, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`prefect flow-run cancel` of a `stagediff generate --replicas 2` run, which no worker watches: the command
+    stops its replicas and exits, the run recorded cancelled, no image written after."""
+    import signal
+    import time
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"item {i}\n" for i in range(2000)), encoding="utf-8")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stagediff.cli", "generate", "--model", str(tiny_model), "--prompts-file",
+           str(prompts), "--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "8",
+           "--batch-size", "4", "--out", str(out), "--run-id", "big", "--replicas", "2"]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    store = out / ".store" / "objects" / "images"
+    try:
+        deadline = time.monotonic() + 300
+        while not list(store.rglob("*.png"))[:1]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        flow_run_id = json.loads((out / "big" / "manifest.json").read_text())["flow_run_id"]
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+        sent = time.monotonic()
+        proc.wait(timeout=60)
+        exited = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+    output = proc.stdout.read()
+    assert exited < 10, (exited, output[-3000:])
+    made = len(list(store.rglob("*.png")))
+    time.sleep(3)
+    assert len(list(store.rglob("*.png"))) == made  # no replica goes on
+    summary = json.loads((out / "big" / "manifest.json").read_text())
+    assert summary["status"] == "cancelled", output[-3000:]
+    assert "was cancelled: stopping its work" in output and "stopped 2 local replica process(es)" in output

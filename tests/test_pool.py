@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import read_items
+from tests.conftest import makefile_env, read_items
 from tests.reference import read_image, reference_images
 from tests.test_deployments import (
     POOL,
@@ -67,7 +67,9 @@ def pool(s3: str, tmp_path_factory: pytest.TempPathFactory, stagediff_cache: Pat
     home, logs = tmp_path_factory.mktemp("prefect-home"), tmp_path_factory.mktemp("logs")
     api_url = f"http://127.0.0.1:{free_port()}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
-    env.update(AWS, PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env.update(makefile_env())  # as `make server` and `make worker` run
+    env.update(AWS, PREFECT_HOME=str(home), PREFECT_API_URL=api_url,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_WORKER_QUERY_SECONDS="1", STAGEDIFF_CACHE=str(stagediff_cache), PWD=str(REPO),
                STAGEDIFF_TEST_BATCH_DELAY="0.5", PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")  # fmt: skip
     stack, started = Stack(api_url, env, logs), []
@@ -89,18 +91,63 @@ def pool(s3: str, tmp_path_factory: pytest.TempPathFactory, stagediff_cache: Pat
             except httpx.HTTPError:
                 time.sleep(0.5)
         succeeded(stack.prefect("work-pool", "create", POOL, "--type", "process"))
-        succeeded(stack.prefect("--no-prompt", "deploy", "--name", f"replica/{POOL}"))
+        succeeded(stack.prefect("--no-prompt", "deploy", "--name", f"replica/{POOL}", "--name", "fanout/fan-out"))
         succeeded(stack.prefect("automation", "create", "--from-file", "deploy/crash-zombie-flow-runs.json"))
+        # As `make worker` starts them: the stage workers on the `default` queue, one flow run at a time each,
+        # and a worker without a limit for the `control` queue (fan-out parents)
         stack.workers = {
-            device: start(f"worker-{device}", "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
-                          CUDA_VISIBLE_DEVICES=device)
+            device: start(f"worker-{device}", "worker", "start", "--pool", POOL, "--type", "process", "--work-queue",
+                          "default", "--limit", "1", CUDA_VISIBLE_DEVICES=device)
             for device in ("0", "1")
         }  # fmt: skip
+        start("worker-control", "worker", "start", "--pool", POOL, "--type", "process", "--work-queue", "control")
         yield stack
     finally:
         drain_prefect_workers(api_url)
         for process in reversed(started):
             stop(process)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing bucket", "its bucket 'no-such-bucket' does not exist at {endpoint} (create it first)"),
+        ("unreachable", "cannot reach its endpoint at {endpoint} ("),
+        ("no credentials", "no credentials for its bucket at {endpoint}: set AWS_ACCESS_KEY_ID"),
+    ],
+)
+def test_an_object_store_that_cannot_be_used_is_one_line_before_any_work(
+    s3: str, tiny_model: Path, tmp_path: Path, case: str, expected: str
+) -> None:
+    """`generate` and `gc` on a store whose bucket is missing, whose endpoint does not answer, or without
+    credentials: one line naming the store and why, exit 2, nothing written, no stage started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))  # fmt: skip
+    endpoint, bucket = s3, BUCKET
+    if case == "missing bucket":
+        env.update(AWS)
+        bucket = "no-such-bucket"
+    elif case == "unreachable":
+        env.update(AWS)
+        endpoint = f"http://127.0.0.1:{free_port()}"
+    store = f"s3://{bucket}/refused"
+    options = json.dumps({"endpoint_url": endpoint})
+    commands = {
+        "generate": ["generate", "--model", str(tiny_model), "--prompt", "a dog", "--out", str(tmp_path / "out"),
+                     "--store", store, "--storage-options", options],
+        "gc": ["gc", store, "--storage-options", options],
+    }  # fmt: skip
+    for name, args in commands.items():
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "stagediff.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (name, done.stdout, done.stderr)
+        assert lines[0].startswith(f"stagediff: error: invalid store='{store}': "), (name, lines)
+        assert expected.format(endpoint=endpoint) in lines[0], (name, lines)
+        assert time.monotonic() - started < 60, name
+    assert not (tmp_path / "out").exists()
 
 
 def fan_out(stack: Stack, s3: str, tiny_model: Path, out: Path, store: str, run_id: str) -> dict:
@@ -237,3 +284,34 @@ def test_a_run_whose_worker_was_killed_is_marked_crashed_and_fails_the_fan_out(
     failed = json.loads((tmp_path / "three" / "manifest.json").read_text())
     share = next(r for r in failed["replicas"] if r["status"] == "failed")
     assert "CRASHED" in share["error"].upper() or "crashed" in str(error.value).lower(), share
+
+
+def test_the_fan_out_deployment_runs_on_workers_that_take_one_run_at_a_time(
+    pool: Stack, s3: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`prefect deployment run fanout/fan-out` with pool replicas: its parent runs from the `control` queue, so
+    it holds no slot of the stage workers (`--limit 1`; one of them was killed above): every share runs."""
+    params = {
+        "prompts": {"prompts": PROMPTS, "seed": 3},
+        "settings": SMALL,
+        "model": str(tiny_model),
+        "output": {"out": str(tmp_path), "run_id": "deployed", "store": f"s3://{BUCKET}/deployed"},
+        "replicas": 2,
+        "pool": POOL,
+        "storage_options": {"endpoint_url": s3},
+    }
+    code, flow_run_id, output = pool.run_deployment("fanout/fan-out", params)
+    assert code == 0, f"{output}\ncontrol worker log:\n{tail(pool.logs / 'worker-control.log')}"
+    manifest = json.loads((tmp_path / "deployed" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and [r["status"] for r in manifest["replicas"]] == ["completed"] * 2
+    expected = reference_images(tiny_model, PROMPTS, seed=3, num_inference_steps=2, height=64, width=64,
+                                max_sequence_length=16)  # fmt: skip
+    for item, image in zip(read_items(tmp_path / "deployed"), expected, strict=True):
+        np.testing.assert_array_equal(read_image(tmp_path / "deployed" / item["image"]), image)
+    shares = ["replica 1/2 of fan-out deployed (items 0-2)", "replica 2/2 of fan-out deployed (items 3-4)"]
+    with pool.client() as client:
+        parent = client.read_flow_run(flow_run_id)
+        runs = sorted(run.name for run in client.read_flow_runs() if "fan-out deployed" in run.name)
+        tasks = sorted(run.name for run in client.read_task_runs() if "fan-out deployed" in run.name)
+    assert parent.work_queue_name == "control"
+    assert runs == shares and tasks == shares  # the replicas' flow runs and the parent's tasks that wait on them
