@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("store", metavar="STORE", help="the store: a folder or fsspec URL")
     clean.add_argument("--older-than", default="7d", help="only artifacts at least this old: 7d, 12h, 30m, 0s")
     clean.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    clean.add_argument(
+        "--storage-options", metavar="JSON", help='fsspec options of a URL store, e.g. {"endpoint_url": ...}'
+    )
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random pipeline of one family (offline)")
     tiny.add_argument("dir")
@@ -495,10 +498,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from stagediff.collect import collect_garbage, parse_age
 
     older_than = parse_age(args.older_than)
-    location = check_store(args.store, ".")
+    storage_options = parse_json_object("storage_options", args.storage_options)
+    location = check_store(args.store, ".", storage_options)
     if Store(location).local and not (Path(location) / "objects").is_dir():
         raise RequestError("store", args.store, "must be an existing store (a folder holding objects/)")
-    report = collect_garbage(Store(location), older_than, dry_run=args.dry_run)
+    report = collect_garbage(Store(location, storage_options), older_than, dry_run=args.dry_run)
     if args.dry_run:
         for name in report.removed:
             print(f"  would remove {name}")

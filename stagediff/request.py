@@ -7,6 +7,7 @@ empty takes the model family's pipeline default (`Family.defaults`), resolved on
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -98,15 +99,26 @@ class RequestError(ValueError):
 
 
 def _form_schema(schema: dict[str, Any]) -> None:
-    """Show `X | None` fields in the Prefect form as plain X fields (empty means None, the default).
+    """Show `X | None` fields in the Prefect form as plain X fields (empty means None, the default), and each
+    field's limits in its description (the form shows descriptions, not limits).
 
-    pydantic writes them as `anyOf: [X, null]`, which the form renders as "Property is type None".
+    pydantic writes them as `anyOf: [X, null]`, which the form renders as "Property is type None". Without a
+    `default`, the server's validation takes null for such a field again (Prefect adds the null branch to a
+    field that is neither required nor defaulted), so an explicit null means "the model's default" as well.
     """
     for prop in schema.get("properties", {}).values():
         branches = prop.get("anyOf")
         if branches and len(branches) == 2 and {"type": "null"} in branches:
             prop.update(next(b for b in branches if b != {"type": "null"}))
             del prop["anyOf"]
+            if prop.get("default", 0) is None:
+                del prop["default"]
+        limits = [f"{word} {prop[key]}" for key, word in (("minimum", "at least"), ("maximum", "at most"),
+                                                           ("multipleOf", "a multiple of")) if key in prop]  # fmt: skip
+        if limits and "description" in prop:
+            text = prop["description"]
+            end = "." if text.endswith(".") else ""
+            prop["description"] = f"{text.removesuffix('.')} ({', '.join(limits)}){end}"
 
 
 class _Model(BaseModel):
@@ -513,6 +525,9 @@ def check_model_dir(model: str, variant: str | None = None) -> dict[str, Any]:
         if entry[0] is not None and not known_library(entry[0]):
             allowed = f"component {name!r} comes from {entry[0]!r}: only diffusers and transformers components load"
             raise RequestError("model", model, allowed + " (never remote code)")
+        if entry[0] == "diffusers" and entry[1] is not None and not diffusers_has(entry[1]):
+            allowed = f"component {name!r} is declared as diffusers class {entry[1]!r}, which this diffusers lacks"
+            raise RequestError("model", model, allowed + " (model_index.json)")
     # The required components, and the optional ones `decode` loads when the model has them (a safety checker).
     optional = [name for name in FAMILIES[class_name].decode_components if (index.get(name) or [None])[0]]
     for component in dict.fromkeys([*REQUIRED_COMPONENTS[class_name], *optional]):
@@ -536,7 +551,53 @@ def check_model_dir(model: str, variant: str | None = None) -> dict[str, Any]:
                 "(diffusion_pytorch_model.safetensors, model.safetensors or their shards; pickled weights are refused)"
             )
             raise RequestError("model", model, allowed)
+        for weights in folder.iterdir():
+            match = _WEIGHTS.fullmatch(weights.name)
+            if match and _variant(match) == variant and weights.name.endswith(".safetensors"):
+                problem = safetensors_problem(weights)
+                if problem:
+                    raise RequestError("model", model, f"component {component!r}: {component}/{weights.name} {problem}")
     return index
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, read from its header alone (truncated, not safetensors), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > min(size - 8, 100 * 2**20):
+                return "is not a safetensors file (no header)"
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "is not a safetensors file (its header is not a JSON object)"
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "is not a safetensors file (a tensor without data_offsets)"
+    if end > size - 8 - length:
+        return f"is truncated: its header places {end} bytes of tensors, the file holds {size - 8 - length}"
+    return None
+
+
+def diffusers_has(class_name: str) -> bool:
+    """Whether the installed diffusers exports `class_name` (read from its package's import structure, without
+    importing diffusers)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("diffusers")
+    if spec is None or spec.origin is None:
+        return True  # not installed here: the stage that loads it will say
+    return bool(re.fullmatch(r"\w+", class_name)) and f'"{class_name}"' in _diffusers_init(spec.origin)
+
+
+@functools.cache
+def _diffusers_init(origin: str) -> str:
+    return Path(origin).read_text(encoding="utf-8")
 
 
 def _variant(match: re.Match) -> str | None:
@@ -619,11 +680,49 @@ def check_store(store: str | None, out: str, options: dict[str, Any] | None = No
     import fsspec
 
     try:
-        fsspec.core.url_to_fs(store, **(options or {}))
+        fs, path = fsspec.core.url_to_fs(store, **(options or {}))
     except (ValueError, ImportError, TypeError) as exc:
         allowed = f"must be a folder or a URL of an installed fsspec filesystem ({type(exc).__name__}: {exc})"
         raise RequestError("store", store, allowed.splitlines()[0]) from None
+    if fs.protocol and set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & BUCKET_PROTOCOLS:
+        probe_bucket(store, path.split("/")[0], options)
     return store
+
+
+# Object stores whose URLs start with a bucket (container) that must exist before a run writes into it.
+BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+
+
+def probe_bucket(store: str, bucket: str, options: dict[str, Any] | None) -> None:
+    """The bucket of an object store listed once, quickly (few retries, short timeouts), so that an unreachable
+    endpoint, a missing bucket or missing credentials is one line before any work, not a traceback later."""
+    import fsspec
+
+    protocol = store.split("://", 1)[0]
+    quick = dict(options or {})
+    if protocol in ("s3", "s3a"):
+        config = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 2, "mode": "standard"}}
+        quick["config_kwargs"] = {**config, **quick.get("config_kwargs", {})}
+    endpoint = (options or {}).get("endpoint_url") or ((options or {}).get("client_kwargs") or {}).get("endpoint_url")
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    at = f" at {endpoint}" if endpoint else ""
+    try:
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **quick)
+        fs.ls(bucket, detail=False)
+    except FileNotFoundError:
+        raise RequestError("store", store, f"its bucket {bucket!r} does not exist{at} (create it first)") from None
+    except PermissionError as exc:
+        raise RequestError("store", store, f"access to its bucket {bucket!r} is denied{at} ({exc})") from None
+    except Exception as exc:  # the filesystems' own errors: botocore's, aiohttp's, ...
+        name = type(exc).__name__
+        if "Credentials" in name:
+            allowed = (f"no credentials for its bucket{at}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                       "key and secret in --storage-options)")  # fmt: skip
+        elif isinstance(exc, (OSError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+            allowed = f"cannot reach its endpoint{at or ' (the default AWS endpoint)'} ({name})"
+        else:
+            allowed = f"its bucket {bucket!r} cannot be listed{at} ({name}: {str(exc).splitlines()[0][:200]})"
+        raise RequestError("store", store, allowed) from None
 
 
 # The folders of a local store that a run writes into (artifacts/store.py's layout): objects/ and locks/ hold a

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from stagediff.isolation import warm_up
-from tests.conftest import read_items
+from tests.conftest import makefile_env, read_items
 from tests.reference import read_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +151,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, stagediff_cache: Path) -> It
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # nothing from the user's config
+    env.update(makefile_env())  # as `make server` and `make worker` run
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_API_URL=api_url,
@@ -352,6 +353,7 @@ def test_batch_deployment_schedule_incremental_runs_artifacts_and_bad_lines(
 def test_the_form_rejects_bad_parameters_before_a_run_is_created(stack: Stack) -> None:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled
 
     bad = {
         "height": {"prompts": {"prompts": ["a dog"]}, "settings": {"height": 65}},
@@ -368,6 +370,15 @@ def test_the_form_rejects_bad_parameters_before_a_run_is_created(stack: Stack) -
             assert error.value.response.status_code == 409, field
             assert "Error creating flow run" in error.value.response.text, field
         assert len(client.read_flow_runs(deployment_filter=runs)) == before  # no run was created
+        # an explicit null is a field left empty: the model's default (the run, scheduled next year, is deleted)
+        nulls = {"prompts": {"prompts": ["a dog"]}, "settings": {"steps": None, "height": None, "guidance": None}}
+        later = Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=365))
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=nulls, state=later)
+        client.delete_flow_run(run.id)
+        assert run.parameters["settings"]["steps"] is None
+    # the form shows each field's limits
+    steps = deployment.parameter_openapi_schema["definitions"]["ImageSettings"]["properties"]["steps"]
+    assert "(at least 1, at most 1000)" in steps["description"] and "default" not in steps
 
 
 def test_every_deployment_retries_a_failed_flow_run_and_beats_every_30_s() -> None:

@@ -65,6 +65,16 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     broken("vae-is-a-dict", index_entry("vae", {"a": 1}))
     broken("custom-class", index_entry("vae", ["mymodule", "Evil"]))
     broken("stray", stray_safetensors)
+    broken("unknown-class", index_entry("transformer", ["diffusers", "FluxTransformer9DModel"]))
+
+    def truncate(model: Path) -> None:
+        weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+        data = weights.read_bytes()
+        weights.unlink()  # a copy of its own, not the shared model's file
+        weights.write_bytes(data[: len(data) // 2])
+
+    broken("truncated", truncate)
+    broken("garbage", lambda model: (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64))
     broken("latin1", lambda model: (model / "model_index.json").write_bytes(b'{"_class_name": "Fl\xfcx"}'))
     from stagediff.tiny_model import TinySD15Config, build_tiny_model
 
@@ -94,6 +104,21 @@ def table(model: str, work: Path) -> list[tuple[list[str], str]]:
         ([*gen[:-1], "vae-is-5"], "invalid model='vae-is-5': model_index.json entry 'vae' must be [library, class]"),
         ([*gen[:-1], "vae-is-a-dict"], "invalid model='vae-is-a-dict': model_index.json entry 'vae' must be"),
         ([*gen[:-1], "custom-class"], "invalid model='custom-class': component 'vae' comes from 'mymodule'"),
+        (
+            [*gen[:-1], "unknown-class"],
+            "invalid model='unknown-class': component 'transformer' is declared as diffusers class "
+            "'FluxTransformer9DModel', which this diffusers lacks",
+        ),
+        (
+            [*gen[:-1], "truncated"],
+            "invalid model='truncated': component 'transformer': transformer/diffusion_pytorch_model.safetensors "
+            "is truncated: its header places",
+        ),
+        (
+            [*gen[:-1], "garbage"],
+            "invalid model='garbage': component 'vae': vae/diffusion_pytorch_model.safetensors is not a "
+            "safetensors file",
+        ),
         ([*gen[:-1], "stray"], "invalid model='stray': component 'vae' has no safetensors weights"),
         ([*gen[:-1], "latin1"], "invalid model='latin1': is not a diffusers pipeline: no readable UTF-8"),
         ([*gen, "--max-memory", "0=1GB"], "invalid max_memory='0=1GB': names GPU 0, but this machine has 0 GPU(s)"),
