@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from stagediff.jobs import STAGES
 
 ARTIFACT_UPDATE_SECONDS = 1.0  # at most one progress-artifact write a second (plus the last one)
+LOG_SECONDS = 10.0  # inside a flow run, a progress line in the run's log this often while items are stored
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Progress:
     seen: set[tuple[str, int]] = field(default_factory=set)
     artifact: object | None = None  # the Prefect progress artifact's id, inside a flow run
     last_update: float = 0.0
+    logger: logging.Logger | logging.LoggerAdapter | None = None  # the flow run's, inside a flow run
+    last_log: float = 0.0
+    latest: tuple[str, int] | None = None  # the last (stage, item index) stored
 
     def start(self) -> None:
         """Create the flow run's progress artifact (outside a flow run there is none)."""
@@ -68,8 +72,11 @@ class Progress:
         from prefect.runtime import flow_run
 
         if flow_run.id is not None:
+            from prefect import get_run_logger
+
             self.artifact = create_progress_artifact(0.0, key="progress", description=self.description)
-            self.last_update = time.monotonic()
+            self.last_update = self.last_log = time.monotonic()
+            self.logger = get_run_logger()
 
     @property
     def description(self) -> str:
@@ -89,6 +96,7 @@ class Progress:
         """Images the store already had."""
         self.images += count
         self._update(force=False)
+        self._log()
 
     def stored(self, stage: str, index: int) -> None:
         """A stage process stored item `index` (each item is counted once per stage, whatever repeats)."""
@@ -98,10 +106,23 @@ class Progress:
         self.stages[stage].done += 1
         if stage == "decode":
             self.images += 1
+        self.latest = (stage, index)
         snapshot = Snapshot(stage, self.stages, self.images, self.total_images)
         for listener in list(_listeners):
             listener(snapshot)
         self._update(force=False)
+        self._log()
+
+    def _log(self) -> None:
+        """Every LOG_SECONDS: the run's images, each stage's items and the item stored last, in one line."""
+        now = time.monotonic()
+        if self.logger is None or now - self.last_log < LOG_SECONDS:
+            return
+        self.last_log = now
+        stages = ", ".join(f"{stage} {c.done}/{c.total}" for stage, c in self.stages.items() if c.total)
+        latest = f"; latest: item {self.latest[1]} ({self.latest[0]})" if self.latest else ""
+        self.logger.info("progress: %d/%d images (items computed: %s)%s", self.images, self.total_images,
+                         stages or "none yet", latest)  # fmt: skip
 
     def finish(self) -> None:
         self._update(force=True)

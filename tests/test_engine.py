@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,21 @@ def test_the_cli_shows_each_stage_s_items_rate_and_eta(stream: type) -> None:
         lines = text.splitlines()
         assert lines[0].startswith("encode: 1/2 items, ") and "ETA" in lines[0]
         assert lines[-1].startswith("encode: 2/2 items, ") and len(lines) == 2
+
+
+def test_progress_says_every_10_s_in_one_line_what_is_done_and_which_item_came_last(caplog) -> None:
+    import logging
+
+    from stagediff.progress import LOG_SECONDS, Progress
+
+    progress = Progress(100)
+    progress.logger, progress.last_log = logging.getLogger("run"), time.monotonic()
+    progress.todo("encode", 4)
+    with caplog.at_level(logging.INFO, logger="run"):
+        progress.stored("encode", 0)  # within LOG_SECONDS of the start: no line
+        progress.last_log -= LOG_SECONDS
+        progress.stored("encode", 1)
+        progress.stored("encode", 2)  # within LOG_SECONDS of the last line
+    assert [r.getMessage() for r in caplog.records] == [
+        "progress: 0/100 images (items computed: encode 2/4); latest: item 1 (encode)"
+    ]
