@@ -44,6 +44,7 @@ from stagediff.request import (
     Output,
     Placement,
     Prompts,
+    RequestError,
     RunOptions,
     new_run_id,
 )
@@ -164,6 +165,23 @@ def run_replicas(
     return results, entries, failed
 
 
+def check_replica_deployment(pool: str) -> None:
+    """A pool's shares run as flow runs of its `replica/<pool>` deployment: it must exist on this server."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(f"replica/{pool}")
+        except ObjectNotFound:
+            allowed = (f"this Prefect server has no deployment replica/{pool} to run its shares: deploy it "
+                       f"(`make deploy`, or `prefect deploy --name replica/{pool}`)")  # fmt: skip
+            raise RequestError("pool", pool, allowed) from None
+    if deployment.work_pool_name != pool:
+        allowed = f"the deployment replica/{pool} runs on work pool {deployment.work_pool_name!r}, not on {pool!r}"
+        raise RequestError("pool", pool, allowed)
+
+
 def cancel_pool_replicas() -> None:
     """Cancel this flow run's replica flow runs that have not ended: a running one is set Cancelling (its worker
     stops its process), one no worker took yet is Cancelled."""
@@ -260,6 +278,8 @@ def fanout(
         groups = plan_replicas(replicas, device_groups, pool, output.store, threads)
         request, store_location = checked_request(prompts, settings, model, placement, output, storage_options)
         run_dir = request.run_dir
+        if pool:
+            check_replica_deployment(pool)
         previous = open_run(request)
     if not pool:
         warm_up(request.model)  # local replicas fork from it: torch and the model's classes imported once

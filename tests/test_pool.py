@@ -315,3 +315,20 @@ def test_the_fan_out_deployment_runs_on_workers_that_take_one_run_at_a_time(
         tasks = sorted(run.name for run in client.read_task_runs() if "fan-out deployed" in run.name)
     assert parent.work_queue_name == "control"
     assert runs == shares and tasks == shares  # the replicas' flow runs and the parent's tasks that wait on them
+
+
+def test_a_pool_without_its_replica_deployment_is_one_line_before_any_share(
+    pool: Stack, s3: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from stagediff.flows.fanout import fanout
+    from stagediff.request import ImageSettings, Output, Prompts, RequestError
+
+    os.environ.update(AWS)
+    with temporary_settings({PREFECT_API_URL: pool.api_url}), pytest.raises(RequestError) as error:
+        fanout(Prompts(prompts=PROMPTS, seed=3), ImageSettings(**SMALL), str(tiny_model),
+               output=Output(out=str(tmp_path), run_id="nowhere", store=f"s3://{BUCKET}/nowhere"), replicas=2,
+               pool="gpu", storage_options={"endpoint_url": s3})  # fmt: skip
+    assert str(error.value).startswith("invalid pool='gpu': this Prefect server has no deployment replica/gpu")
+    assert not (tmp_path / "nowhere").exists()
