@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS items (
     status TEXT NOT NULL,         -- pending | done | failed | removed (batch: no longer in the file)
     run INTEGER,                  -- the run that recorded its image
     seen INTEGER,                 -- the last run that listed it
-    updated REAL
+    updated REAL,
+    image_stat TEXT               -- inode:size:mtime_ns:ctime_ns of its folder image when its sha256 was checked
 );
 CREATE INDEX IF NOT EXISTS items_idx ON items (idx);
 CREATE INDEX IF NOT EXISTS items_updated ON items (updated);
@@ -71,6 +72,9 @@ class Record:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # commits survive a crash of the process, not of the OS
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(items)")}
+        if "image_stat" not in columns:  # a record written before the column existed
+            self.db.execute("ALTER TABLE items ADD COLUMN image_stat TEXT")
         self.run = 0
         self.tally = {"listed": 0, "done": 0, "computed": 0}  # this run's, kept as it goes (no scan per chunk)
 
@@ -145,7 +149,7 @@ class Record:
         with self.db:
             self.db.executemany("UPDATE items SET seen = ?, status = 'done' WHERE id = ?", [(self.run, i) for i in ids])
 
-    def stored(self, kind: str, made: dict[str, tuple[str, str]]) -> None:
+    def stored(self, kind: str, made: dict[str, tuple[str, str]], stats: dict[str, str | None] | None = None) -> None:
         """`made`: item id -> (sha256, computed | reused | recomputed) of its `kind` artifact; an image makes
         the item done (by this run). One transaction."""
         t = time.time()
@@ -154,21 +158,33 @@ class Record:
             self.tally["computed"] += sum(m != "reused" for _, m in made.values())
         sha, how = f"sha_{kind}", f"made_{kind}"
         done = ", status = 'done', run = :run" if kind == "images" else ""
+        if kind == "images":  # the folder's image file as linked from the checked store object
+            done += ", image_stat = :stat"
         if kind == "images":  # an image found in the store: this run made nothing of that item
             done += ", made_embeddings = CASE WHEN :made = 'reused' THEN 'reused' ELSE made_embeddings END"
             done += ", made_latents = CASE WHEN :made = 'reused' THEN 'reused' ELSE made_latents END"
         with self.db:
             self.db.executemany(
                 f"UPDATE items SET {sha} = :sha, {how} = :made, updated = :t{done} WHERE id = :id",
-                [{"id": i, "sha": s, "made": m, "t": t, "run": self.run} for i, (s, m) in made.items()],
+                [
+                    {"id": i, "sha": s, "made": m, "t": t, "run": self.run, "stat": (stats or {}).get(i)}
+                    for i, (s, m) in made.items()
+                ],
             )
 
-    def done_image(self, item_id: str, key: str) -> str | None:
-        """The recorded sha256 of an item's image when the record holds it done (or removed) under `key`."""
-        row = self.db.execute("SELECT key_images, sha_images, status FROM items WHERE id = ?", (item_id,)).fetchone()
+    def done_image(self, item_id: str, key: str) -> tuple[str, str | None] | None:
+        """(sha256, the folder image's stat when it was checked) of an item's image when the record holds it done
+        (or removed) under `key`."""
+        row = self.db.execute("SELECT key_images, sha_images, status, image_stat FROM items WHERE id = ?",
+                              (item_id,)).fetchone()  # fmt: skip
         if row and row[0] == key and row[1] and row[2] in ("done", "removed"):
-            return row[1]
+            return row[1], row[3]
         return None
+
+    def checked_images(self, stats: dict[str, str]) -> None:
+        """`stats`: item id -> the stat of its folder image, whose sha256 was just checked. One transaction."""
+        with self.db:
+            self.db.executemany("UPDATE items SET image_stat = ? WHERE id = ?", [(v, k) for k, v in stats.items()])
 
     def process(self, stage: str, info: dict[str, Any]) -> None:
         self.db.execute("INSERT INTO processes VALUES (?, ?, ?)", (self.run, stage, json.dumps(info)))

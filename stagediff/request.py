@@ -537,6 +537,16 @@ def check_model_dir(model: str, variant: str | None = None) -> dict[str, Any]:
             raise RequestError("model", model, f"component {component!r} is missing from the pipeline folder")
         if component not in WEIGHTED_COMPONENTS:
             continue
+        if entry[0] == "diffusers":  # its config names the class it was saved as
+            try:
+                saved = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                raise RequestError("model", model, f"component {component!r}: {component}/config.json is not a "
+                                   "readable JSON object") from None  # fmt: skip
+            if isinstance(saved, str) and saved != entry[1]:
+                allowed = (f"component {component!r} is declared as {entry[1]!r} in model_index.json, but "
+                           f"{component}/config.json was saved by {saved!r}")  # fmt: skip
+                raise RequestError("model", model, allowed)
         variants = {_variant(m) for m in map(_WEIGHTS.fullmatch, (f.name for f in folder.iterdir())) if m}
         if variant not in variants:
             if variant is None and variants:

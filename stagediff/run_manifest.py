@@ -56,6 +56,7 @@ class RunFolder:
         self.engine: Engine | None = None
         self.store: Store | None = None
         self.ids: dict[int, tuple[str, int | None]] = {}  # batch: index -> (item id, line) of items in flight
+        self.checked: dict[str, str | None] = {}  # item id -> stat of its folder image, sha256 checked this run
         self.last_summary = 0.0
         self.extra: dict[str, Any] = {}
         self.total: int | None = None  # items the run's request holds
@@ -85,13 +86,18 @@ class RunFolder:
         """Whether the record holds the item done under these keys and its image in the folder is that one
         (its sha256 checked): then it needs no store read at all."""
         item_id = self.item_id(item.index)[0]
-        sha = self.record.done_image(item_id, keys["images"])
-        if sha is None:
+        done = self.record.done_image(item_id, keys["images"])
+        if done is None:
             return False
-        try:
-            verify_file(self.folder / "images" / f"{item_id}.png", sha)
-        except ArtifactError:
-            return False
+        sha, checked = done
+        path = self.folder / "images" / f"{item_id}.png"
+        stat = file_stat(path)
+        if stat is None or stat != checked:  # new, or changed since its sha256 was checked: check it again
+            try:
+                verify_file(path, sha)
+            except ArtifactError:
+                return False
+            self.checked[item_id] = stat
         self.record.tally["done"] += 1
         return True
 
@@ -99,6 +105,9 @@ class RunFolder:
         """Items `known` found done: this run saw them (a batch item it does not see is removed at its end)."""
         ids = [self.item_id(item.index)[0] for item in items]
         self.record.seen(ids)
+        if self.checked:
+            self.record.checked_images(self.checked)
+            self.checked.clear()
         for item in items:
             self.ids.pop(item.index, None)
 
@@ -114,11 +123,15 @@ class RunFolder:
 
     def stored_refs(self, kind: str, refs: dict[int, tuple[str, str, str]]) -> None:
         """`refs`: item index -> (key, sha256, computed | reused | recomputed) of its `kind` artifact."""
+        stats = {}
         if self.layout == "run" or kind == "images":
             for index, (key, _, _) in refs.items():
                 name = self.item_id(index)[0]
-                self.store.materialize(kind, key, self.folder / kind / f"{name}.{SUFFIX[kind]}")
-        self.record.stored(kind, {self.item_id(i)[0]: (sha, made) for i, (_, sha, made) in refs.items()})
+                path = self.folder / kind / f"{name}.{SUFFIX[kind]}"
+                self.store.materialize(kind, key, path)
+                if kind == "images":
+                    stats[name] = file_stat(path)
+        self.record.stored(kind, {self.item_id(i)[0]: (sha, made) for i, (_, sha, made) in refs.items()}, stats)
         if kind == "images":
             for index in refs:
                 self.ids.pop(index, None)
@@ -240,3 +253,13 @@ def run_summary_base(request: GenerateRequest, source: Any, store: str, engine: 
     if engine is not None:
         base.update(dtype=engine.ctx.dtype, model_hash=engine.model_hash)
     return {**base, **extra}
+
+
+def file_stat(path: Path) -> str | None:
+    """What changes when a file is rewritten or replaced, even with its size and mtime restored (`touch -r`
+    changes ctime): inode:size:mtime_ns:ctime_ns; None if it is missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"

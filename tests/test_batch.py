@@ -177,6 +177,13 @@ def test_items_are_ordered_by_settings_group_and_later_chunks_sized_from_measure
     size = next_chunk_size(measured)
     assert 3.0 / (size * 0.15) <= 0.03 / 0.97 < 3.0 / ((size - 1) * 0.15)
     assert next_chunk_size([StageResult(items=[None], load_seconds=0.01, compute_seconds=1.0)]) == FIRST_CHUNK
+    # the first stage process waited 8 s for the stage server's imports: later chunks do not, so it counts as
+    # the quickest start-up measured (as if all three had started in 0.03 s)
+    first = [StageResult(items=[None] * 10, load_seconds=1.0, compute_seconds=0.5, process={"startup_seconds": s})
+             for s in (8.0, 0.03, 0.03)]  # fmt: skip
+    quick = [StageResult(items=[None] * 10, load_seconds=1.0, compute_seconds=0.5, process={"startup_seconds": 0.03})
+             for _ in range(3)]  # fmt: skip
+    assert next_chunk_size(first) == next_chunk_size(quick) < next_chunk_size(first[:1] * 3)
 
 
 def settings(s: ImageSettings) -> DenoiseSettings:

@@ -66,6 +66,7 @@ def work(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     broken("custom-class", index_entry("vae", ["mymodule", "Evil"]))
     broken("stray", stray_safetensors)
     broken("unknown-class", index_entry("transformer", ["diffusers", "FluxTransformer9DModel"]))
+    broken("wrong-class", index_entry("vae", ["diffusers", "UNet2DConditionModel"]))
 
     def truncate(model: Path) -> None:
         weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
@@ -108,6 +109,11 @@ def table(model: str, work: Path) -> list[tuple[list[str], str]]:
             [*gen[:-1], "unknown-class"],
             "invalid model='unknown-class': component 'transformer' is declared as diffusers class "
             "'FluxTransformer9DModel', which this diffusers lacks",
+        ),
+        (
+            [*gen[:-1], "wrong-class"],
+            "invalid model='wrong-class': component 'vae' is declared as 'UNet2DConditionModel' in model_index.json, "
+            "but vae/config.json was saved by 'AutoencoderKL'",
         ),
         (
             [*gen[:-1], "truncated"],
