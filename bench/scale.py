@@ -3,6 +3,7 @@
 prompts, as fresh commands against one Prefect server.
 
     python -m bench.scale [--sizes 1000 100000 1000000] [--window 45] [--complete 100000] [--json PATH]
+        [--complete-folder DIR]
 
 For each way to run: the small file runs to its end; each large one runs for the small run's time from its
 first image to its last (the same window: images/s at N against images/s at the small N), on for `--window`
@@ -10,7 +11,8 @@ seconds in all, then is interrupted with SIGTERM (seconds to exit) and run again
 start to its next image). The flow process' peak RSS (VmHWM of the command, which runs the flow; stage
 processes are listed apart, from the summary) and the seconds from the flow's start to its first stage come
 from the same runs; the file's every line is checked before the first stage. `--complete N`: a batch of N
-lines run to its end, one line appended, run again (it must compute one item).
+lines run to its end, one line appended, run again (it must compute one item); `--complete-folder DIR`: that
+batch was already run to its end there (DIR/prompts-N.txt, DIR/batch), by the same command.
 """
 
 from __future__ import annotations
@@ -178,12 +180,14 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
     return rows
 
 
-def bench_rerun(n: int, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
-    folder = tmp / f"complete-{n}"
-    folder.mkdir()
+def bench_rerun(n: int, tmp: Path, env: dict[str, str], built: Path | None = None) -> dict[str, Any]:
+    """A batch of `n` lines run to its end (or `built`, a folder holding prompts-N.txt and the completed batch
+    of `command`), one line appended, run again."""
+    folder = built or tmp / f"complete-{n}"
+    folder.mkdir(exist_ok=True)
     path = prompts_file(folder, n)
     cmd, images = command("batch", path, folder)
-    completed = run(cmd, images, env, None, None)
+    completed = run(cmd, images, env, None, None) if built is None else {"seconds": None}
     with path.open("a", encoding="utf-8") as f:
         f.write("one more line\n")
     t0 = time.time()
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
     parser.add_argument("--window", type=float, default=45.0, help="seconds each large run runs before SIGTERM")
     parser.add_argument("--complete", type=int, default=100_000, help="a batch run to its end, then rerun (0: skip)")
+    parser.add_argument("--complete-folder", type=Path, help="a folder whose --complete batch has run to its end")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--json", help="where to write the results (default: bench/results/scale.json)")
     parser.add_argument("--api-url", help="a Prefect API (default: $PREFECT_API_URL or a temporary server)")
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for mode in args.modes:
             results[mode] = bench_mode(mode, args.sizes, args.window, Path(tmp), env)
         if args.complete:
-            results["rerun"] = bench_rerun(args.complete, Path(tmp), env)
+            results["rerun"] = bench_rerun(args.complete, Path(tmp), env, args.complete_folder)
     rows = []
     for mode in args.modes:
         for n, row in results[mode].items():
