@@ -21,6 +21,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import resource
+import select
 import signal
 import sys
 import threading
@@ -135,9 +136,25 @@ class _PipeHandler(logging.Handler):
             pass
 
 
-def _watch_parent(parent_alive: multiprocessing.connection.Connection) -> None:
-    with contextlib.suppress(EOFError, OSError):
-        parent_alive.recv()  # returns only if the parent sends; raises EOFError when it dies
+def _watch_parent(parent_alive: multiprocessing.connection.Connection, caller: int) -> None:
+    """Exit when the caller (the process that ran run_isolated, not the forkserver that forked this one) ends.
+
+    Its pipe's EOF alone is not enough: a write end can live on in another process (a forkserver keeps what
+    it was sent, a sibling forked at the wrong moment), and a cancelled fan-out's replicas then ran on, each
+    keeping the other's stage server alive. The caller's pidfd becomes readable when it exits, whoever
+    holds the pipe."""
+    try:
+        pidfd = os.pidfd_open(caller)
+    except ProcessLookupError:
+        os._exit(70)  # already gone
+    except (OSError, AttributeError):
+        pidfd = None
+    with contextlib.suppress(EOFError, OSError, ValueError):
+        if pidfd is None:  # no pidfds here: ask every POLL_SECONDS whether the caller still exists
+            while not parent_alive.poll(POLL_SECONDS):
+                os.kill(caller, 0)  # ProcessLookupError (an OSError) once it is gone
+        else:
+            select.select([parent_alive.fileno(), pidfd], [], [])  # the pipe's data or EOF, or the caller's end
     os._exit(70)
 
 
@@ -192,8 +209,9 @@ def _child_main(
     conn: multiprocessing.connection.Connection,
     parent_alive: multiprocessing.connection.Connection,
     settings: dict[str, str],
+    caller: int,
 ) -> None:
-    threading.Thread(target=_watch_parent, args=(parent_alive,), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(parent_alive, caller), daemon=True).start()
     for name in [k for k in os.environ if k.startswith("STAGEDIFF_") and k not in settings]:
         del os.environ[name]
     os.environ.update(settings)
@@ -288,7 +306,9 @@ def run_isolated(
     recv, send = ctx.Pipe(duplex=False)
     alive_recv, alive_send = ctx.Pipe(duplex=False)
     process = ctx.Process(
-        target=_child_main, args=(target, args, send, alive_recv, _caller_settings()), name=f"stagediff-{name}"
+        target=_child_main,
+        args=(target, args, send, alive_recv, _caller_settings(), os.getpid()),
+        name=f"stagediff-{name}",
     )
     t0 = time.time()
     with _main_module_hidden():

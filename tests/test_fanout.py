@@ -213,12 +213,14 @@ def test_a_cancel_of_a_command_line_fan_out_stops_its_replicas_within_10_s(
            str(prompts), "--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "8",
            "--batch-size", "4", "--out", str(out), "--run-id", "big", "--replicas", "2"]  # fmt: skip
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "command.log"  # a file, not a pipe: a process left behind would keep a pipe open
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     store = out / ".store" / "objects" / "images"
     try:
         deadline = time.monotonic() + 300
         while not list(store.rglob("*.png"))[:1]:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         flow_run_id = json.loads((out / "big" / "manifest.json").read_text())["flow_run_id"]
         with get_client(sync_client=True) as client:
@@ -229,11 +231,24 @@ def test_a_cancel_of_a_command_line_fan_out_stops_its_replicas_within_10_s(
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-    output = proc.stdout.read()
+    output = log.read_text()
     assert exited < 10, (exited, output[-3000:])
+    # nothing of the run lives on: no process holds a file of its folder (replicas, stages, stage servers)
+    deadline = time.monotonic() + 10
+    while holders := [pid for pid in os.listdir("/proc") if pid.isdigit() and holds(int(pid), out)]:
+        assert time.monotonic() < deadline, holders
+        time.sleep(0.2)
     made = len(list(store.rglob("*.png")))
     time.sleep(3)
     assert len(list(store.rglob("*.png"))) == made  # no replica goes on
     summary = json.loads((out / "big" / "manifest.json").read_text())
     assert summary["status"] == "cancelled", output[-3000:]
     assert "was cancelled: stopping its work" in output and "stopped 2 local replica process(es)" in output
+
+
+def holds(pid: int, folder: Path) -> bool:
+    """Whether process `pid` has a file under `folder` open."""
+    try:
+        return any(os.readlink(fd).startswith(str(folder)) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
