@@ -148,6 +148,7 @@ def run_replicas(
         entry = {"replica": job.replica, "devices": job.devices, "cpus": job.cpus, "threads": job.threads,
                  "items": [job.start, job.stop], "status": "idle"}  # fmt: skip
         if job.count:
+            futures[job.replica].wait()  # its final state (a state read right after `wait(...)` could lag)
             state = futures[job.replica].state
             entry["seconds"] = round(time.time() - started, 3)
             if state.is_completed():

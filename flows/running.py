@@ -208,7 +208,8 @@ def heartbeats() -> Iterator[None]:
                     logger.warning("flow run %s was cancelled: stopping its work", run.name)
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
-                if stop.wait(CANCEL_POLL_SECONDS if watch else HEARTBEAT_SECONDS):
+                until_beat = max(0.0, next_beat - time.monotonic()) if beat else CANCEL_POLL_SECONDS
+                if stop.wait(min(CANCEL_POLL_SECONDS, until_beat) if watch else until_beat):
                     return
 
     # the thread sees this one's Prefect settings (its API URL), as Prefect's own heartbeat thread does

@@ -312,8 +312,14 @@ class Engine:
                     self.record_partial(store, stage, chunk, keys, progress, found, made, on_stored)
                     raise
                 found |= self.collect(store, kind, todo, keys, result)
-                record.computed += len(todo)
-                made |= {item.index: "recomputed" if item.index in damaged else "computed" for item in todo}
+                # what this process wrote (an item sharing its key with one it wrote included); the rest another
+                # process (a concurrent run) wrote while this one waited for its claim: reused
+                wrote = {ref.key for ref in result.items}
+                ours = [item for item in todo if keys[item.index][kind] in wrote]
+                record.computed += len(ours)
+                record.reused += len(todo) - len(ours)
+                made |= {item.index: "reused" for item in todo}
+                made |= {item.index: "recomputed" if item.index in damaged else "computed" for item in ours}
                 entry = {**result.process, "items": item_span(result.items), "loads": result.loads,
                          "load_seconds": result.load_seconds, "compute_seconds": result.compute_seconds,
                          **({"pipeline": result.pipeline} if result.pipeline else {})}  # fmt: skip
