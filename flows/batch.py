@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store
@@ -22,7 +21,7 @@ from stagediff.batch import check_batch, check_batch_file, file_format, run_item
 from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.engine import Item
 from stagediff.flows.fanout import ReplicaFailed, failure, run_replicas, share_jobs
-from stagediff.flows.running import heartbeats, refusals_are_final, register_root, run_name, start_engine
+from stagediff.flows.running import ended_status, heartbeats, refusals_are_final, register_root, run_name, start_engine
 from stagediff.flows.ui import run_artifacts
 from stagediff.progress import Progress
 from stagediff.record import is_old_format, read_summary
@@ -115,8 +114,7 @@ def batch(
                 if failed:
                     raise ReplicaFailed(failure(failed, jobs))
         except BaseException as exc:
-            cancelled = isinstance(exc, TerminationSignal | KeyboardInterrupt)
-            folder.finish("cancelled" if cancelled else "failed", f"{type(exc).__name__}: {exc}")
+            folder.finish(ended_status(exc), f"{type(exc).__name__}: {exc}")
             raise
         progress.finish()
         summary = folder.finish("completed")

@@ -21,7 +21,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
-from prefect.exceptions import TerminationSignal
 from prefect.futures import wait
 from prefect.runtime import flow_run
 
@@ -29,6 +28,7 @@ from stagediff.artifacts import Store
 from stagediff.engine import build_engine
 from stagediff.flows.running import (
     checked_request,
+    ended_status,
     heartbeats,
     refusals_are_final,
     register_root,
@@ -315,8 +315,7 @@ def fanout(
         try:
             results, folder.extra["replicas"], failed = run_replicas(jobs, store, folder, progress, pool, job_variables)
         except BaseException as exc:
-            cancelled = isinstance(exc, TerminationSignal | KeyboardInterrupt)
-            folder.finish("cancelled" if cancelled else "failed", f"{type(exc).__name__}: {exc}")
+            folder.finish(ended_status(exc), f"{type(exc).__name__}: {exc}")
             raise
         progress.finish()
         folder.extra["replica_stages"] = {r["replica"]: r["stages"] for r in results}

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store
 from stagediff.engine import request_items
 from stagediff.flows.running import (
     checked_request,
+    ended_status,
     heartbeats,
     refusals_are_final,
     register_root,
@@ -95,8 +95,7 @@ def generate(
             engine.run(request_items(request, source, store), progress=progress, **folder.hooks())
         except BaseException as exc:
             # what every stage did, an interrupted one included; cancelled (Prefect's SIGTERM, Ctrl-C) or failed
-            cancelled = isinstance(exc, TerminationSignal | KeyboardInterrupt)
-            folder.finish("cancelled" if cancelled else "failed", f"{type(exc).__name__}: {exc}")
+            folder.finish(ended_status(exc), f"{type(exc).__name__}: {exc}")
             raise
         progress.finish()
         summary = folder.finish("completed")

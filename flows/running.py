@@ -18,6 +18,7 @@ import prefect
 from prefect import get_client, get_run_logger
 from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from stagediff.artifacts import Store
@@ -151,6 +152,20 @@ def refusals_are_final() -> Iterator[None]:
 # deploy/crash-zombie-flow-runs.json marks a flow run Crashed after 90 s without a heartbeat
 HEARTBEAT_SECONDS = 30
 CANCEL_POLL_SECONDS = 2.0  # how often a run no worker watches asks whether it was cancelled
+
+
+def ended_status(exc: BaseException) -> str:
+    """How a run that raised `exc` ended: `cancelled` when a SIGTERM (a worker's or Prefect's cancel) or Ctrl-C
+    stopped it, even where the stop then raised something else (a stage process killed under a hook, a record
+    written while the run was being stopped), else `failed`."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TerminationSignal | KeyboardInterrupt):
+            return "cancelled"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return "failed"
 
 
 @contextmanager

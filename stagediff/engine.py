@@ -309,7 +309,11 @@ class Engine:
                         result = run_stage_process(stage, job, on_item, self.logger)
                 except BaseException:  # what its process had stored is in the store: record it, a rerun reuses it
                     record.interrupted = True
-                    self.record_partial(store, stage, chunk, keys, progress, found, made, on_stored)
+                    try:
+                        self.record_partial(store, stage, chunk, keys, progress, found, made, on_stored)
+                    except Exception as exc:  # the stop (or failure) is what the run reports, not this
+                        self.logger.warning("what the stopped %s stage stored is not recorded (%s: %s); a rerun "
+                                            "finds it in the store", stage, type(exc).__name__, exc)  # fmt: skip
                     raise
                 found |= self.collect(store, kind, todo, keys, result)
                 # what this process wrote (an item sharing its key with one it wrote included); the rest another

@@ -156,11 +156,14 @@ def test_a_sigterm_ends_a_large_batch_within_10_s_recorded_cancelled(
     finally:
         if proc.poll() is None:
             proc.kill()
-    summary = json.loads((store / "batch.json").read_text())
-    assert summary["status"] == "cancelled" and summary["runs"][-1]["status"] == "cancelled"
+    summary, output = json.loads((store / "batch.json").read_text()), proc.stdout.read()
+    assert summary["status"] == "cancelled" and summary["runs"][-1]["status"] == "cancelled", (
+        summary["runs"][-1],
+        output[-3000:],
+    )
     done = summary["counts"]["done"]
     assert 0 < done < 200_000 and done == len(list((store / "images").glob("*.png")))
-    assert exited < 10, (exited, proc.stdout.read()[-3000:])
+    assert exited < 10, (exited, output[-3000:])
 
 
 def test_gc_during_a_running_batch_that_reuses_old_artifacts_deletes_nothing_it_needs(

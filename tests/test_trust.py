@@ -353,3 +353,23 @@ def test_the_command_s_flow_runs_beat_from_stagediff_s_thread_alone(
     run_id = json.loads((out / "beats" / "manifest.json").read_text())["flow_run_id"]
     assert [e["resource"]["prefect.resource.id"] for e in ours] == [f"prefect.flow-run.{run_id}"]  # the first
     assert prefects == []
+
+
+def test_a_stop_that_raised_something_else_on_its_way_out_is_still_a_cancel() -> None:
+    from prefect.exceptions import TerminationSignal
+
+    from stagediff.flows.running import ended_status
+
+    def stopped_then(error: Exception) -> BaseException:
+        try:
+            try:
+                raise TerminationSignal(signal=signal.SIGTERM)
+            except TerminationSignal:
+                raise error  # e.g. a hook that ran while the stage process was being killed
+        except Exception as exc:
+            return exc
+
+    assert ended_status(TerminationSignal(signal=signal.SIGTERM)) == "cancelled"
+    assert ended_status(KeyboardInterrupt()) == "cancelled"
+    assert ended_status(stopped_then(OSError("stage process died"))) == "cancelled"
+    assert ended_status(RuntimeError("denoise stage failed")) == "failed"
