@@ -12,6 +12,7 @@ from typing import Any
 from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.exceptions import ObjectNotFound
+from prefect.utilities.annotations import quote
 
 from stagediff.isolation import run_stage_process
 from stagediff.jobs import StageJob, StageResult
@@ -42,14 +43,15 @@ def run_stage_task(
     """`run_stage` as the task run `name`. Prefect starts it once it holds a slot of each of its `tags`' concurrency
     limits; until then the run's log says, every WAIT_REPORTS seconds, what it waits for and who holds it."""
     runner = run_stage.with_options(name=stage, task_run_name=name, retries=retries, tags=tags)
+    # quoted: Prefect would walk and rebuild every item of the job looking for futures (1 s for 3,000 items)
     if not tags:
-        return runner(stage, job, on_item=on_item)
+        return runner(stage, quote(job), on_item=on_item)
     started, ended = threading.Event(), threading.Event()
     watch = contextvars.copy_context()  # the thread talks to this run's server
     watcher = threading.Thread(target=watch.run, args=(report_waits, name, tags, started, ended, logger), daemon=True)
     watcher.start()
     try:
-        return runner(stage, job, on_item=on_item, started=started)
+        return runner(stage, quote(job), on_item=on_item, started=started)
     finally:
         ended.set()
 
