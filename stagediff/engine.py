@@ -161,7 +161,7 @@ class Engine:
     def keys(self, item: Item) -> dict[str, str]:
         return item_keys(
             self.identity, item.prompt, item.negative_prompt, item.seed, item.settings, self.ctx.dtype,
-            self.tiled_decode, self.sliced_decode, self.metadata,
+            self.tiled_decode, self.sliced_decode, self.metadata, self.ctx.model,
         )  # fmt: skip
 
     def run(

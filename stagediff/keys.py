@@ -199,12 +199,16 @@ def latents_key(embeddings: str, model: ModelIdentity, settings: DenoiseSettings
     )
 
 
-def image_key(latents: str, model: ModelIdentity, tiled: bool, sliced: bool, dtype: str, metadata: bool = True) -> str:
-    """`metadata`: the PNG carries the generation parameters (they are all covered by the latents key)."""
+def image_key(
+    latents: str, model: ModelIdentity, tiled: bool, sliced: bool, dtype: str, metadata: bool = True, named: str = ""
+) -> str:
+    """`metadata`: the PNG carries the generation parameters, which the latents key covers but for the model as
+    the run named it, `named` (a folder or Hub id): the same weights from another folder make another PNG."""
     m = _model_json(model)
     fields = {"latents": _json(latents), "pipeline": m["pipeline"], "decoder": m["decoder"], "tiled": _json(tiled)}
+    png = _json(named if metadata and named else metadata)
     return _digest_encoded({"v": _json(KEY_VERSION), "kind": '"image"', **fields, "sliced": _json(sliced),
-                            "dtype": _json(dtype), "png": _json(metadata)})  # fmt: skip
+                            "dtype": _json(dtype), "png": png})  # fmt: skip
 
 
 def model_hash(model: ModelIdentity) -> str:
@@ -222,13 +226,15 @@ def item_keys(
     tiled: bool = False,
     sliced: bool = False,
     metadata: bool = True,
+    named: str = "",
 ) -> dict[str, str]:
-    """One item's store keys, by artifact kind: `embeddings`, `latents`, `images` (`dtype` resolved, never "auto").
+    """One item's store keys, by artifact kind: `embeddings`, `latents`, `images` (`dtype` resolved, never "auto";
+    `named`: the model as the run names it, which a PNG with metadata records).
 
     The one key function: every flow names its artifacts through it."""
     embeddings = embeddings_key(model, prompt, negative_prompt, settings.max_sequence_length, dtype)
     latents = latents_key(embeddings, model, settings, seed, dtype)
-    image = image_key(latents, model, tiled, sliced, dtype, metadata)
+    image = image_key(latents, model, tiled, sliced, dtype, metadata, named)
     return {"embeddings": embeddings, "latents": latents, "images": image}
 
 

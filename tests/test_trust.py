@@ -196,6 +196,18 @@ def test_pngs_say_what_made_them_and_the_command_makes_it_again(
     np.testing.assert_array_equal(read_image(bare), read_image(path))
     keys = [read_items(tmp_path / d / "r")[0]["keys"] for d in ("again", "bare")]
     assert keys[0]["latents"] == keys[1]["latents"] and keys[0]["images"] != keys[1]["images"]
+    # The same weights from another folder, same store: the latents are reused, the PNG names this run's folder
+    copy = tmp_path / "copy-of-the-model"
+    shutil.copytree(tiny_model, copy)
+    assert main([*argv[1:], "--model", str(copy), "--out", "again", "--run-id", "c"]) == 0
+    item = read_items(tmp_path / "again" / "c")[0]
+    assert item["keys"]["latents"] == keys[0]["latents"] and item["keys"]["images"] != keys[0]["images"]
+    copied = Image.open(tmp_path / "again" / "c" / "images" / "00000.png")
+    assert (
+        json.loads(copied.text["stagediff"])["model"] == str(copy)
+        and f"Model: {copy.name}," in copied.text["parameters"]
+    )
+    np.testing.assert_array_equal(np.asarray(copied), read_image(path))
 
 
 HOLD = (
@@ -365,7 +377,7 @@ def test_a_stop_that_raised_something_else_on_its_way_out_is_still_a_cancel() ->
             try:
                 raise TerminationSignal(signal=signal.SIGTERM)
             except TerminationSignal:
-                raise error  # e.g. a hook that ran while the stage process was being killed
+                raise error  # noqa: B904 (implicitly chained, as Prefect's crash handler raises)
         except Exception as exc:
             return exc
 
