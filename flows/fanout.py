@@ -289,10 +289,11 @@ def fanout(
     with heartbeats():
         # 2. The request stored once; the run a root of the store's gc; the shares: ranges of its items
         store = Store(store_location, storage_options)
+        with refusals_are_final():  # a model whose weights do not fit its config, before anything is stored
+            engine = build_engine(
+                request.model, request.placement, store_location, str(run_dir), options, storage_options
+            )  # fmt: skip (computes no key: the keys of the gc root)
         source = store_request(request, store)
-        engine = build_engine(
-            request.model, request.placement, store_location, str(run_dir), options, storage_options
-        )  # fmt: skip (computes no key: the keys of the gc root)
         register_root(store, run_dir / "manifest.json", engine, source, request=request)
         adopt_old_manifest(run_dir, previous)
         jobs = share_jobs(

@@ -55,9 +55,17 @@ def start_engine(
     `name`: a new name for the flow run (when its first one could not know its run id)."""
     warm_up(model)  # the stage forkserver imports torch and the model's classes while the run is planned
     label_flow_run(name, model_tag(model_arg))
-    return build_engine(
-        model, placement, store, work_dir, options, store_options, tags=stage_tags(model_arg), logger=get_run_logger()
-    )  # stage tasks carry only the tags a concurrency limit exists for
+    with refusals_are_final():  # a model whose weights do not fit its config is bad input, never retried
+        return build_engine(
+            model,
+            placement,
+            store,
+            work_dir,
+            options,
+            store_options,
+            tags=stage_tags(model_arg),
+            logger=get_run_logger(),
+        )  # fmt: skip (stage tasks carry only the tags a concurrency limit exists for)
 
 
 def checked_request(

@@ -12,8 +12,11 @@ import contextlib
 import errno
 import gc
 import json
+import logging
+import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -353,7 +356,7 @@ def run_flow(
     from stagediff.request import Output
 
     output = Output(out=request.out, run_id=request.run_id, store=store)
-    with progress_bars(), without_prefect_heartbeats():
+    with progress_bars(), without_prefect_heartbeats(), tracebacks_in_the_ui_only():
         manifest = generate(prompts, request.settings, model, request.placement, output, options, storage_options)
     run_dir = request.run_dir
     counts = manifest["counts"]
@@ -417,7 +420,7 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
 
     output = Output(out=request.out, run_id=request.run_id, store=args.store)
     device_groups = [g["devices"] for g in groups] if args.device_groups is not None else None
-    with without_prefect_heartbeats():
+    with without_prefect_heartbeats(), tracebacks_in_the_ui_only():
         manifest = fanout(prompts, request.settings, args.model, request.placement, output, options,
                           replicas=None if device_groups else len(groups), device_groups=device_groups,
                           pool=args.pool, threads=args.threads, storage_options=storage_options)  # fmt: skip
@@ -476,7 +479,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from stagediff.flows.batch import batch
     from stagediff.flows.running import without_prefect_heartbeats
 
-    with progress_bars(), without_prefect_heartbeats():
+    with progress_bars(), without_prefect_heartbeats(), tracebacks_in_the_ui_only():
         summary = batch(args.prompts_file, args.store, request.settings, args.model, args.seed, request.placement,
                         options, args.replicas, device_groups, args.threads)  # fmt: skip
     counts, store = summary["counts"], Path(args.store)
@@ -485,6 +488,26 @@ def cmd_batch(args: argparse.Namespace) -> int:
     print(f"{counts['done']} images in {store / 'images'}; summary: {store / 'batch.json'}, every item: "
           f"{store / 'items.jsonl'}")  # fmt: skip
     return 0
+
+
+@contextlib.contextmanager
+def tracebacks_in_the_ui_only() -> Iterator[None]:
+    """A failed flow or task run logs its traceback: the Prefect UI keeps it, the terminal shows the error's line
+    and the command ends with one line of its own (STAGEDIFF_DEBUG=1: the tracebacks everywhere)."""
+
+    def line_only(record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            record.exc_info = record.exc_text = None  # the run's API handler, which runs first, has sent it
+        return True
+
+    handlers = [] if os.environ.get("STAGEDIFF_DEBUG") else logging.getLogger().handlers
+    for handler in handlers:
+        handler.addFilter(line_only)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(line_only)
 
 
 def progress_bars():
@@ -560,10 +583,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
-        if (where := disk_full(exc)) is None:
+        if os.environ.get("STAGEDIFF_DEBUG"):
             raise
-        print(f"stagediff: error: no space left on device writing {where}: free some space and run the same "
-              "command again (everything stored so far is kept and reused)", file=sys.stderr)  # fmt: skip
+        stop_stage_processes()
+        if (where := disk_full(exc)) is not None:
+            print(f"stagediff: error: no space left on device writing {where}: free some space and run the same "
+                  "command again (everything stored so far is kept and reused)", file=sys.stderr)  # fmt: skip
+        else:
+            line = " ".join(str(exc).split()) or "(no message)"
+            print(f"stagediff: error: {type(exc).__name__}: {line} (everything stored so far is kept: the same "
+                  "command computes only what is missing; STAGEDIFF_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
 
 

@@ -22,13 +22,15 @@ import functools
 import logging
 import math
 import shlex
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stagediff.artifacts import ArtifactError, Store
-from stagediff.isolation import run_stage_process
+from stagediff.artifacts import ArtifactError, Store, atomic_write_bytes
+from stagediff.default_model import cache_dir
+from stagediff.isolation import run_isolated, run_stage_process
 from stagediff.jobs import (
     KIND_OF_STAGE,
     STAGES,
@@ -43,9 +45,9 @@ from stagediff.jobs import (
     StageContext,
     StageResult,
 )
-from stagediff.keys import ModelIdentity, item_keys, model_hash, model_identity, resolve_dtype
+from stagediff.keys import ModelIdentity, digest, item_keys, model_hash, model_identity, resolve_dtype
 from stagediff.progress import Progress
-from stagediff.request import GenerateRequest, Placement, RunOptions, resolve_settings
+from stagediff.request import GenerateRequest, Placement, RequestError, RunOptions, resolve_settings
 
 if TYPE_CHECKING:
     from stagediff.sources import Source
@@ -511,9 +513,11 @@ def build_engine(
         pipeline_split=tuple(placement.pipeline_split) if placement.pipeline_split else None,
         micro_batch_size=placement.micro_batch_size,
     )
+    identity = model_identity(model, placement.variant)
+    check_model_weights(model, placement.variant, digest(asdict(identity)))  # once per model version
     return Engine(
         ctx=ctx,
-        identity=model_identity(model, placement.variant),
+        identity=identity,
         tiled_decode=placement.tiled_decode,
         sliced_decode=placement.sliced_decode,
         strict=options.strict,
@@ -522,6 +526,24 @@ def build_engine(
         metadata=options.metadata,
         **kwargs,
     )
+
+
+def check_model_weights(model: str, variant: str | None, fingerprint: str) -> None:
+    """RequestError naming the first component whose class is missing or whose weights do not fit its config
+    (`stagediff.stages.model_check`, in a stage process); a model that passed is remembered by `fingerprint`, the
+    hash of its configs and weights, so each version of a model is checked once on a machine."""
+    passed = cache_dir() / "checked-models" / fingerprint
+    if passed.exists():
+        return
+    if "stagediff.preload" in sys.modules:  # a process forked from the stage server: torch is here already
+        from stagediff.stages.model_check import check_components
+
+        problem = check_components(model, variant)
+    else:
+        problem = run_isolated("stagediff.stages.model_check:check_components", model, variant, name="check")[0]
+    if problem:
+        raise RequestError("model", model, problem)
+    atomic_write_bytes(passed, b"")
 
 
 def order_by_group(items: list[Item]) -> list[Item]:

@@ -4,6 +4,7 @@ client). Runs in a pytest process of its own (it points this process' Prefect cl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,10 +38,9 @@ BUCKET = "stagediff-test"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def moto_server(logs: Path) -> Iterator[str]:
     """An S3 API on 127.0.0.1 (moto's server mode) with an empty bucket; its endpoint URL."""
-    logs = tmp_path_factory.mktemp("moto")
     port = free_port()
     with open(logs / "moto.log", "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -59,6 +59,12 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield endpoint
     finally:
         stop(server)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +175,33 @@ def bucket(s3: str, prefix: str) -> list[str]:
 
     fs = s3fs.S3FileSystem(endpoint_url=s3, key="testing", secret="testing")
     return [path.removeprefix(f"{BUCKET}/{prefix}/") for path in fs.find(f"{BUCKET}/{prefix}")]
+
+
+def test_an_object_store_lost_mid_run_ends_the_run_in_one_line_recorded_failed(
+    pool: Stack, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The S3 API goes away after the first chunk's first stage: the command ends with one line of its own (no
+    traceback on the terminal: the run's log in the UI keeps it), exit 1, and the run's record says `failed`."""
+    (tmp_path / "moto").mkdir()
+    with moto_server(tmp_path / "moto") as endpoint:
+        cmd = [sys.executable, "-m", "stagediff.cli", "generate", "--model", str(tiny_model), "--out",
+               str(tmp_path / "out"), "--run-id", "lost", "--store", f"s3://{BUCKET}/lost", "--storage-options",
+               json.dumps({"endpoint_url": endpoint}), "--chunk-size", "2", *(f"--{k.replace('_', '-')}={v}"
+               for k, v in SMALL.items()), *(arg for p in PROMPTS for arg in ("--prompt", p))]  # fmt: skip
+        env = {**pool.env, "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "encode finished in process" in line:
+                break
+    lines += proc.stdout.readlines()  # the server is gone
+    proc.wait(timeout=300)
+    output = "".join(lines)
+    assert proc.returncode == 1, output[-3000:]
+    assert lines[-1].startswith("stagediff: error: ") and "Traceback" not in output, output[-3000:]
+    manifest = json.loads((tmp_path / "out" / "lost" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"], manifest
 
 
 def test_two_workers_compute_the_shares_into_the_bucket_then_a_killed_share_is_rerun(

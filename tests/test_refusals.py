@@ -291,3 +291,40 @@ def test_an_unreachable_prefect_server_is_one_line(tiny_model: Path, tmp_path: P
         "start it (`prefect server start`) or unset the setting"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_whose_weights_do_not_fit_its_config_is_one_line_before_any_stage(
+    prefect_server, tiny_model: Path, tmp_path: Path
+) -> None:
+    """What needs the model's classes (torch) is checked in a stage process once the flow has started, before the
+    first stage: a config of another size than its weights, a class transformers lacks."""
+    from prefect.settings import PREFECT_API_URL
+
+    def broken(name: str, component: str, file: str, old: str, new: str) -> Path:
+        model = tmp_path / name
+        shutil.copytree(tiny_model, model)
+        path = model / component / file
+        text = path.read_text()
+        assert old in text
+        path.unlink()  # a copy of its own
+        path.write_text(text.replace(old, new))
+        return model
+
+    cases = [
+        (broken("resized", "transformer", "config.json", '"joint_attention_dim": 32', '"joint_attention_dim": 48'),
+         "component 'transformer': transformer/diffusion_pytorch_model.safetensors holds context_embedder.weight of "
+         "shape [32, 32], but transformer/config.json makes it [32, 48]"),
+        (broken("unknown", ".", "model_index.json", '"CLIPTextModel"', '"CLIPTextModelX"'),
+         "component 'text_encoder' is declared as transformers class 'CLIPTextModelX', which this transformers lacks"),
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    for model, expected in cases:
+        out = tmp_path / f"out-{model.name}"
+        proc = subprocess.run([sys.executable, "-m", "stagediff.cli", "generate", "--prompt", "a dog", *SMALL,
+                               "--model", str(model), "--out", str(out), "--run-id", "r"], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"stagediff: error: invalid model={str(model)!r}: {expected}"), last
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not list((out / ".store").rglob("*.safetensors")), "a stage ran"
