@@ -136,6 +136,33 @@ class _PipeHandler(logging.Handler):
             pass
 
 
+# Said by the pipelines for every batch (a prompt longer than max_sequence_length): once per stage process is enough
+_ONCE = ("The following part of your input was truncated",)
+
+
+def _library_logs_to_the_run(handler: logging.Handler) -> None:
+    """diffusers' and transformers' warnings go to the run's log (not straight to the terminal), each of _ONCE
+    once per process."""
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:  # their own stderr handler is added at first use: add it now, then take it away
+            with contextlib.suppress(ImportError, AttributeError):
+                importlib.import_module(f"{name}.utils.logging")._configure_library_root_logger()
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    said: set[str] = set()
+
+    def once(record: logging.LogRecord) -> bool:
+        repeated = next((start for start in _ONCE if str(record.msg).startswith(start)), None)
+        if repeated is None:
+            return True
+        first = repeated not in said
+        said.add(repeated)
+        return first
+
+    handler.addFilter(once)
+
+
 def _watch_parent(parent_alive: multiprocessing.connection.Connection, caller: int) -> None:
     """Exit when the caller (the process that ran run_isolated, not the forkserver that forked this one) ends.
 
@@ -226,6 +253,7 @@ def _child_main(
     started = time.time()
     try:
         fn = _resolve(target)  # imports the stage's module: free after a forkserver preload
+        _library_logs_to_the_run(root.handlers[0])
         started = time.time()
         result = fn(*args)
         message = ("ok", result)
@@ -392,13 +420,15 @@ def run_stage_process(
 
     result, stats = run_isolated(STAGE_FUNCTIONS[stage], job, name=stage, logger=logger, on_event=on_event)
     result.process = stats.to_dict()
+    placed = f", on {result.device_map}" if result.device_map else ""
     logger.info(
-        "%s finished in process %d: %.2f s (start-up %.2f s, loading %.2f s), peak RSS %.0f MB",
+        "%s finished in process %d: %.2f s (start-up %.2f s, loading %.2f s), peak RSS %.0f MB%s",
         stage,
         stats.pid,
         stats.seconds,
         stats.startup_seconds,
         result.load_seconds,
         stats.peak_rss_mb,
-    )
+        placed,
+    )  # the one row of a stage process (with the run's "N of M items to compute" and its progress lines)
     return result

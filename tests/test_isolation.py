@@ -113,3 +113,29 @@ def test_peak_rss_is_the_processs_own_not_its_parents() -> None:
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(child.stdout) < 200  # ru_maxrss would say >= 400: Linux keeps it across exec()
     del ballast
+
+
+def warn_as_a_pipeline_does() -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    logger = diffusers_logging.get_logger("diffusers.pipelines.flux.pipeline_flux")
+    for batch in range(3):
+        logger.warning("The following part of your input was truncated because `max_sequence_length` is set to "
+                       "8 tokens: ['batch %d']", batch)  # fmt: skip
+    logger.warning("another warning")
+
+
+def test_library_warnings_reach_the_run_log_and_a_per_batch_one_is_said_once(capfd) -> None:
+    import logging
+
+    said: list[str] = []
+    logger = logging.getLogger("test-library-warnings")
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger.addHandler(handler)
+    run_isolated("tests.test_isolation:warn_as_a_pipeline_does", name="encode", logger=logger)
+    assert [line.split(" is set to")[0] for line in said] == [
+        "[encode] The following part of your input was truncated because `max_sequence_length`",
+        "[encode] another warning",
+    ]
+    assert "truncated" not in capfd.readouterr().err  # not straight to the terminal

@@ -67,7 +67,7 @@ def decode(job: DecodeJob) -> StageResult:
         vae = pipe.vae
         if result.device_map is None:
             result.device_map = {"": str(vae.device)}
-            log.info("vae loaded on %s (tiled: %s, sliced: %s)", vae.device, job.tiled, job.sliced)
+            log.debug("vae loaded on %s (tiled: %s, sliced: %s)", vae.device, job.tiled, job.sliced)
         latents = torch.stack([load_tensors(store, item.latents)["latents"] for item in batch])
         latents = family.latents_for_vae(latents.to(vae.device, vae.dtype), vae.config, batch[0].height, batch[0].width)
         images = family.postprocess(pipe, vae.decode(latents, return_dict=False)[0])

@@ -72,7 +72,7 @@ def denoise(job: DenoiseJob) -> StageResult:
         pipe, device_map = models.get()
         if result.device_map is None:
             result.device_map = device_map
-            log.info("%s loaded (device map: %s)", family.denoiser, device_map)
+            log.debug("%s loaded (device map: %s)", family.denoiser, device_map)
         store_latents(job, store, result, batch, denoise_batch(pipe, job, store, batch, n))
     return models.finish()
 

@@ -56,7 +56,7 @@ def encode(job: EncodeJob) -> StageResult:
         pipe, placement = models.get()
         if result.device_map is None:
             result.device_map = placement
-            log.info("text encoders loaded (placement: %s)", placement)
+            log.debug("text encoders loaded (placement: %s)", placement)
             if accelerator_count():
                 for name in (name for name, device in placement.items() if device == "cpu"):
                     log.warning(CPU_FALLBACK, name)
