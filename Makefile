@@ -23,12 +23,18 @@ demo: install  ## a real generation through Prefect on the embedded tiny model
 	$(VENV)/bin/stagediff generate --prompt "a dog" --prompt "a cat" --steps 2 --height 64 --width 64 \
 		--seed 7 --max-sequence-length 32 --batch-size 2 --out outputs --run-id demo
 
+SERVER_TESTS := tests/test_deployments.py tests/test_pool.py tests/test_slots.py
+
 test: install  ## the CPU test suite (what CI runs)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -q --ignore=tests/test_deployments.py --ignore=tests/test_pool.py --ignore=tests/test_slots.py
-	# The deployment and pool end-to-end tests point this process' Prefect client at servers of their own: own process.
-	$(VENV)/bin/pytest -q tests/test_deployments.py tests/test_pool.py tests/test_slots.py
+	# Two pytest processes side by side: the deployment, pool and slot tests point their process' Prefect client
+	# at servers of their own and mostly wait on those servers, workers and flow runs. Their output follows.
+	@$(VENV)/bin/pytest -q --durations=10 -p no:cacheprovider $(SERVER_TESTS) > .server-tests.log 2>&1 & \
+	servers=$$!; \
+	$(VENV)/bin/pytest -q --durations=10 $(SERVER_TESTS:%=--ignore=%); rest=$$?; \
+	wait $$servers; code=$$?; echo "--- $(SERVER_TESTS):"; cat .server-tests.log; rm -f .server-tests.log; \
+	[ $$rest -eq 0 ] && [ $$code -eq 0 ]
 
 test-all: install  ## also the opt-in slow tests (and the GPU tests, which skip without CUDA)
 	$(VENV)/bin/pytest -q -m "slow or not slow"
