@@ -26,6 +26,7 @@ from tests.test_deployments import (
     REPO,
     Stack,
     drain_prefect_workers,
+    finish,
     free_port,
     stop,
     succeeded,
@@ -365,3 +366,46 @@ def test_a_pool_without_its_replica_deployment_is_one_line_before_any_share(
                pool="gpu", storage_options={"endpoint_url": s3})  # fmt: skip
     assert str(error.value).startswith("invalid pool='gpu': this Prefect server has no deployment replica/gpu")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_cancelling_a_fan_out_deployment_run_stops_its_replicas_on_the_pool(
+    pool: Stack, s3: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`prefect flow-run cancel` of a `fanout/fan-out` run whose replicas run on the pool's workers: the parent's
+    worker stops it, it cancels its replicas' flow runs, their workers stop them; all within a minute, the
+    parent's record `cancelled`."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelling
+
+    params = {
+        "prompts": {"prompts": [f"prompt {i}" for i in range(400)], "seed": 3},  # ~100 s a stage a replica
+        "settings": SMALL,
+        "model": str(tiny_model),
+        "output": {"out": str(tmp_path), "run_id": "stopped", "store": f"s3://{BUCKET}/stopped"},
+        "replicas": 2,
+        "pool": POOL,
+        "storage_options": {"endpoint_url": s3},
+    }
+    watcher = pool.start_deployment("fanout/fan-out", params)
+    try:
+        with pool.client() as client:
+
+            def replicas() -> list:
+                return [run for run in client.read_flow_runs() if " of fan-out stopped (items " in run.name]
+
+            deadline = time.monotonic() + 240
+            while not (
+                (runs := replicas()) and len(runs) == 2 and all(r.state_type == StateType.RUNNING for r in runs)
+            ):
+                assert time.monotonic() < deadline, tail(pool.logs / "worker-control.log")
+                time.sleep(0.5)
+            parent = client.read_task_run(runs[0].parent_task_run_id).flow_run_id
+            client.set_flow_run_state(parent, Cancelling(), force=True)  # what `prefect flow-run cancel` does
+            cancelled = time.monotonic()
+            while not all(r.state_type == StateType.CANCELLED for r in [*replicas(), client.read_flow_run(parent)]):
+                assert time.monotonic() - cancelled < 60, [(r.name, r.state_name) for r in replicas()]
+                time.sleep(0.5)
+    finally:
+        finish(watcher)
+    manifest = json.loads((tmp_path / "stopped" / "manifest.json").read_text())
+    assert manifest["status"] == "cancelled", manifest["status"]
