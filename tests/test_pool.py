@@ -372,8 +372,8 @@ def test_cancelling_a_fan_out_deployment_run_stops_its_replicas_on_the_pool(
     pool: Stack, s3: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     """`prefect flow-run cancel` of a `fanout/fan-out` run whose replicas run on the pool's workers: the parent's
-    worker stops it, it cancels its replicas' flow runs, their workers stop them; all within a minute, the
-    parent's record `cancelled`."""
+    worker stops it, it cancels its replicas' flow runs (a running one's worker stops it, a waiting one never
+    starts); all within a minute, the parent's record `cancelled`."""
     from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelling
 
@@ -394,8 +394,9 @@ def test_cancelling_a_fan_out_deployment_run_stops_its_replicas_on_the_pool(
                 return [run for run in client.read_flow_runs() if " of fan-out stopped (items " in run.name]
 
             deadline = time.monotonic() + 240
+            # one share running (the other may wait: a test above killed one of the two stage workers)
             while not (
-                (runs := replicas()) and len(runs) == 2 and all(r.state_type == StateType.RUNNING for r in runs)
+                (runs := replicas()) and len(runs) == 2 and any(r.state_type == StateType.RUNNING for r in runs)
             ):
                 assert time.monotonic() < deadline, tail(pool.logs / "worker-control.log")
                 time.sleep(0.5)
