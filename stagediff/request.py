@@ -561,13 +561,17 @@ def check_model_dir(model: str, variant: str | None = None) -> dict[str, Any]:
                 "(diffusion_pytorch_model.safetensors, model.safetensors or their shards; pickled weights are refused)"
             )
             raise RequestError("model", model, allowed)
-        for weights in folder.iterdir():
-            match = _WEIGHTS.fullmatch(weights.name)
-            if match and _variant(match) == variant and weights.name.endswith(".safetensors"):
-                problem = safetensors_problem(weights)
-                if problem:
-                    raise RequestError("model", model, f"component {component!r}: {component}/{weights.name} {problem}")
+        for weights in weight_files(folder, variant):
+            problem = safetensors_problem(weights)
+            if problem:
+                raise RequestError("model", model, f"component {component!r}: {component}/{weights.name} {problem}")
     return index
+
+
+def weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """A component's safetensors files of `variant` (or the plain ones) under the names diffusers loads."""
+    found = ((path, _WEIGHTS.fullmatch(path.name)) for path in folder.iterdir() if path.name.endswith(".safetensors"))
+    return sorted(path for path, match in found if match and _variant(match) == variant)
 
 
 def safetensors_problem(path: Path) -> str | None:

@@ -13,8 +13,7 @@ import json
 from pathlib import Path
 
 from stagediff.family import model_index
-
-WEIGHTED = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "unet")
+from stagediff.request import WEIGHTED_COMPONENTS, weight_files
 
 
 def header_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -27,18 +26,6 @@ def header_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
             if name != "__metadata__":
                 shapes[name] = (tuple(entry["shape"]), path.name)
     return shapes
-
-
-def weight_files(folder: Path, variant: str | None) -> list[Path]:
-    from stagediff.request import _WEIGHTS, _variant
-
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.name.endswith(".safetensors")
-        and (match := _WEIGHTS.fullmatch(path.name))
-        and _variant(match) == variant
-    )
 
 
 def empty_component(folder: Path, library: str, class_name: str):
@@ -62,7 +49,9 @@ def check_components(model: str, variant: str | None) -> str | None:
     """The first component whose class is missing or whose weights do not fit its config, in one line; or None."""
     root = Path(model)
     for name, entry in model_index(model).items():
-        if name not in WEIGHTED or not isinstance(entry, list) or entry[0] not in ("diffusers", "transformers"):
+        # (SD 1.5's safety checker comes from a diffusers pipeline module, not diffusers or transformers: skipped)
+        library = entry[0] if isinstance(entry, list) else None
+        if name not in WEIGHTED_COMPONENTS or library not in ("diffusers", "transformers"):
             continue
         folder = root / name
         files = weight_files(folder, variant) if folder.is_dir() else []
