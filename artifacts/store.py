@@ -22,6 +22,7 @@ import io
 import json
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -354,9 +355,9 @@ class Store:
     def register_run(self, manifest_path: str | Path, root: dict[str, Any] | None = None) -> None:
         """Make a run a root: its summary's path, its record's, and `root`, what its items are made from (gc
         derives the keys of a run that has not completed from it)."""
-        path = str(Path(manifest_path).absolute())
-        name = hashlib.sha256(path.encode()).hexdigest()[:32]
-        entry = {"manifest": path, "registered": time.time(), **({"root": root} if root else {})}
+        path, host = str(Path(manifest_path).absolute()), socket.gethostname()
+        name = hashlib.sha256(f"{host}:{path}".encode()).hexdigest()[:32]  # the same path on two machines: two runs
+        entry = {"manifest": path, "host": host, "registered": time.time(), **({"root": root} if root else {})}
         with self.gc_lock(exclusive=False):
             self.write(f"runs/{name}.json", json.dumps(entry).encode())
 

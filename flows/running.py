@@ -26,6 +26,7 @@ from stagediff.default_model import default_model_dir, ensure_default_model
 from stagediff.engine import Engine, build_engine
 from stagediff.flows.ui import label_flow_run, model_tag, stage_tags
 from stagediff.isolation import warm_up
+from stagediff.record import Record
 from stagediff.request import (
     GenerateRequest,
     ImageSettings,
@@ -126,6 +127,8 @@ def register_root(
         root["request"] = request_fields(request)
     if batch is not None:
         root["batch"] = batch
+    # the record exists before the registration: gc forgets a registration whose folder holds neither file
+    Record(root["record"], "batch" if batch is not None else "run").close()
     store.register_run(summary, root)
 
 

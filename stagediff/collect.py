@@ -2,9 +2,10 @@
 
 A run is kept while it is registered in the store (every run, of every kind, registers itself before it
 reads or writes any artifact, with what its items are made from) and its folder still exists; deleting a
-run folder releases its artifacts. gc reads each kept run's record once (and derives the keys of a run
-that has not completed from its stored request), then walks the store's objects once. Only artifacts older than
-`--older-than` go, so a run that is starting, or objects written a moment ago, are left alone.
+run folder releases its artifacts. gc forgets a run only on the machine that registered it: a folder it cannot
+see may be on another machine that shares the store. gc reads each kept run's record once (and derives the keys
+of a run that has not completed from its stored request), then walks the store's objects once. Only artifacts
+older than `--older-than` go, so a run that is starting, or objects written a moment ago, are left alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from stagediff.artifacts.store import KINDS
 from stagediff.request import RequestError
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$", re.ASCII)
+HOST = socket.gethostname()
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -37,6 +40,7 @@ def parse_age(text: str) -> float:
 class GcReport:
     runs: int = 0  # kept runs (registered, manifest present)
     forgotten_runs: int = 0  # registrations whose manifest is gone
+    elsewhere: int = 0  # registrations from another machine whose folder is not visible here (kept)
     referenced: int = 0  # objects kept because a kept run references them
     recent: int = 0  # unreferenced objects kept because they are younger than the limit
     removed: list[str] = field(default_factory=list)  # store-relative names of removed files
@@ -49,6 +53,11 @@ class GcReport:
             f"gc: {verb} {len(self.removed)} files ({self.freed_bytes / 2**20:.2f} MiB); kept {self.referenced} "
             f"artifacts referenced by {self.runs} runs and {self.recent} newer ones; "
             f"forgot {self.forgotten_runs} runs whose manifest is gone"
+            + (
+                f"; kept {self.elsewhere} runs of other machines (run gc there to forget a deleted one)"
+                if self.elsewhere
+                else ""
+            )
         )
 
 
@@ -62,7 +71,10 @@ def referenced_keys(store: Store, report: GcReport) -> set[str]:
     for name, entry in store.runs().items():
         summary_path, root = Path(entry["manifest"]), entry.get("root")
         record_path = Path(root["record"]) if root else None
-        if not summary_path.exists() and not (record_path and record_path.exists()):
+        gone = not summary_path.exists() and not (record_path and record_path.exists())
+        if gone and entry.get("host", HOST) != HOST:
+            report.elsewhere += 1  # its folder is on another machine: kept, as a run that has not completed
+        elif gone:
             report.forgotten_runs += 1
             if not report.dry_run:
                 store.remove(name)

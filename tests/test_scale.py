@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from stagediff.record import Record, item_row, write_summary
+from tests.conftest import read_items
 
 ARGS = ["--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "8", "--batch-size", "4"]
 
@@ -29,6 +30,14 @@ def server_env() -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -166,51 +175,69 @@ def test_a_sigterm_ends_a_large_batch_within_10_s_recorded_cancelled(
     assert exited < 10, (exited, output[-3000:])
 
 
-def test_gc_during_a_running_batch_that_reuses_old_artifacts_deletes_nothing_it_needs(
-    prefect_server, tiny_model: Path, tmp_path: Path
+@pytest.mark.parametrize("kind", ["batch", "replicas", "torchrun"])
+def test_gc_during_a_running_run_that_reuses_old_artifacts_deletes_nothing_it_needs(
+    prefect_server, tiny_model: Path, tmp_path: Path, kind: str
 ) -> None:
+    """`gc --older-than 0s` and the default `7d` in a loop while a batch, a batch of 2 replicas or 2 torchrun
+    ranks runs over 12 lines, 8 of them made by an earlier run whose folder is gone and whose artifacts are
+    aged 30 days: only the running run protects them, from before it reads its first artifact."""
     from stagediff.artifacts import Store
     from stagediff.collect import collect_garbage
 
-    prompts, store = tmp_path / "prompts.txt", tmp_path / "batch"
+    prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"item {i}\n" for i in range(8)), encoding="utf-8")
-    common = [str(prompts), "--store", str(store), "--model", str(tiny_model), *ARGS, "--chunk-size", "4"]
-    first = stagediff("batch", *common, env=server_env())
+    model = ["--model", str(tiny_model), *ARGS, "--chunk-size", "4"]
+    if kind == "torchrun":
+        store, out = tmp_path / "store", tmp_path / "out"
+        common = ["--prompts-file", str(prompts), *model, "--seed", "3", "--store", str(store), "--out", str(out)]
+        first = stagediff("generate", *common, "--run-id", "first", env=server_env())
+        folder, old_folder = out / "second", out / "first"
+        port = str(free_port())
+        command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", port, "-m", "stagediff.launch", *common,
+                   "--run-id", "second"]  # fmt: skip
+        objects = store / "objects"
+    else:
+        folder = old_folder = tmp_path / "batch"
+        common = ["batch", str(prompts), "--store", str(folder), *model]
+        first = stagediff(*common, env=server_env())
+        command = [sys.executable, "-m", "stagediff.cli", *common, *(["--replicas", "2"] if kind == "replicas" else [])]
+        objects = folder / ".store" / "objects"
     assert first.returncode == 0, first.stderr[-3000:]
-    before = {p.name: read_image(p) for p in (store / "images").glob("*.png")}
-    # the batch folder's items are gone, the store's artifacts are old: only the running run protects them
-    (store / "batch.json").unlink()
-    (store / "batch.db").unlink()
-    (store / "items.jsonl").unlink()
+    before = {item["index"]: read_image(old_folder / item["image"]) for item in read_items(old_folder)}
+    # the first run's folder record is gone, the store's artifacts are old: only the running run protects them
+    for name in ("batch.json", "batch.db", "items.jsonl", "manifest.json", "record.db"):
+        (old_folder / name).unlink(missing_ok=True)
     old = time.time() - 30 * 86400
-    for path in (store / ".store" / "objects").rglob("*"):
+    for path in objects.rglob("*"):
         os.utime(path, (old, old))
     with prompts.open("a", encoding="utf-8") as f:
         f.write("".join(f"more {i}\n" for i in range(4)))
-    env = {**server_env(), "STAGEDIFF_TEST_BATCH_DELAY": "0.5"}
+    env = {**server_env(), "STAGEDIFF_TEST_BATCH_DELAY": "0.5", "HF_HOME": str(tmp_path / "hf")}
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "stagediff.cli", "batch", *common], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    store_object = Store(str(objects.parent))
     removed = []
     try:
-        while proc.poll() is None and not any(
-            e["registered"] > started for e in Store(store / ".store").runs().values()
-        ):
-            time.sleep(0.1)  # until the run is a root: gc may remove what no run references before that
+        while proc.poll() is None and not any(e["registered"] > started for e in store_object.runs().values()):
+            time.sleep(0.05)  # until the run is a root: gc may remove what no run references before that
         while proc.poll() is None:
-            removed += collect_garbage(Store(store / ".store"), older_than=0).removed
-            removed += collect_garbage(Store(store / ".store"), older_than=7 * 86400).removed
-            time.sleep(0.3)
+            removed += collect_garbage(store_object, older_than=0).removed
+            removed += collect_garbage(store_object, older_than=7 * 86400).removed
+            time.sleep(0.2)
         output = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, output[-3000:]
-    assert "4 computed, 8 done before" in output, output[-1500:]
+    summary = json.loads((folder / ("manifest.json" if kind == "torchrun" else "batch.json")).read_text())
+    assert (summary["counts"]["items"], summary["counts"]["computed_by_this_run"]) == (12, 4), output[-1500:]
     assert not [name for name in removed if "/images/" in name or "/latents/" in name], removed
-    for name, image in before.items():
-        np.testing.assert_array_equal(read_image(store / "images" / name), image)
-    assert len(list((store / "images").glob("*.png"))) == 12
+    items = read_items(folder)
+    assert len(items) == 12 and all((folder / item["image"]).exists() for item in items)
+    for item in items[:8]:
+        np.testing.assert_array_equal(read_image(folder / item["image"]), before[item["index"]])
 
 
 def test_an_old_format_run_folder_is_resumed_and_a_garbled_one_refused_in_one_line(

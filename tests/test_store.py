@@ -21,6 +21,7 @@ from stagediff import keys
 from stagediff.artifacts import ArtifactError, Store
 from stagediff.cli import main
 from stagediff.collect import collect_garbage, parse_age
+from stagediff.collect import root_keys as collect_root_keys
 from stagediff.jobs import DenoiseSettings
 from stagediff.record import Record, write_summary
 from stagediff.request import RequestError, check_store
@@ -283,3 +284,43 @@ def test_the_flow_side_never_imports_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_run_that_registers_is_never_forgotten_before_its_folder_exists(tiny_model: Path, tmp_path: Path) -> None:
+    """gc forgets a registration whose folder holds neither summary nor record: a run that has just registered
+    (its folder not yet written) or one on another machine that shares the store keeps what it will use."""
+    from types import SimpleNamespace
+
+    from stagediff.flows.running import register_root
+    from stagediff.request import validate_request
+    from stagediff.sources import store_inline
+
+    store = Store(str(tmp_path / "store"))
+    request = validate_request(prompts=["a dog", "a cat"], run_id="r", seed=3, out=str(tmp_path / "out"),
+                               model=str(tiny_model), steps=1, height=64, width=64)  # fmt: skip
+    engine = SimpleNamespace(ctx=SimpleNamespace(model=request.model, variant=None, dtype="float32"),
+                             tiled_decode=False, sliced_decode=False, metadata=True)  # fmt: skip
+    source = store_inline(store, request.prompts)
+    register_root(store, request.run_dir / "manifest.json", engine, source, request=request)
+    assert (request.run_dir / "record.db").exists()  # before the registration: gc sees the run at once
+    (entry,) = store.runs().values()
+    needed = sorted(collect_root_keys(store, entry["root"]))
+    assert len(needed) == 2 * 3  # embeddings, latents and image of each item
+    for kind, key in (("embeddings", needed[0]), ("latents", needed[1])):
+        put_embeddings(store, key) if kind == "embeddings" else store.save_tensors(kind, key, {"x": torch.ones(1)}, {})
+    old = time.time() - 30 * 86400
+    for path in (tmp_path / "store" / "objects").rglob("*"):
+        os.utime(path, (old, old))
+    report = collect_garbage(store, older_than=0)
+    assert report.forgotten_runs == 0 and [n for n in report.removed if needed[0] in n or needed[1] in n] == []
+
+    # the same registration from another machine, its folder not visible here: kept; from this one: forgotten
+    shutil.rmtree(request.run_dir)
+    name = next(iter(store.runs()))
+    store.write(name, json.dumps({**entry, "host": "another-machine"}).encode())
+    report = collect_garbage(store, older_than=0)
+    assert (report.forgotten_runs, report.elsewhere, report.removed) == (0, 1, [])
+    assert "kept 1 runs of other machines" in report.summary()
+    store.write(name, json.dumps(entry).encode())
+    report = collect_garbage(store, older_than=0)
+    assert report.forgotten_runs == 1 and len(report.removed) > 0 and store.runs() == {}
