@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 T = TypeVar("T")
-KINDS = {"embeddings": "safetensors", "latents": "safetensors", "images": "png"}
+# compiled: a denoiser's compiled code (--compile), inductor's cache folder as a tar in a safetensors byte tensor
+KINDS = {"embeddings": "safetensors", "latents": "safetensors", "images": "png", "compiled": "safetensors"}
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss", "r2"}  # fsspec protocols with atomic PUTs
 
 

@@ -120,6 +120,7 @@ def register_root(
         "tiled_decode": engine.tiled_decode,
         "sliced_decode": engine.sliced_decode,
         "metadata": engine.metadata,
+        "levers": engine.ctx.levers,
         "source": source.model_dump(),
         "record": str((summary.parent / ("batch.db" if batch is not None else "record.db")).absolute()),
     }

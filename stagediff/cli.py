@@ -198,6 +198,8 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
                         "process (GPU) each, and stream micro-batches (--batch-size items) through them")  # fmt: skip
     parser.add_argument("--pipeline-split", help="blocks where parts 2..N start, comma-separated, e.g. "
                         "single_transformer_blocks.4 (default: equal estimated compute)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="compile the denoiser's repeated blocks (faster after "
+                        "the first run; compiled code kept in the store; images differ in the last bits)")  # fmt: skip
     parser.add_argument(
         "--micro-batch-size",
         type=integer,
@@ -226,6 +228,8 @@ def placement_of(args: argparse.Namespace) -> dict:
     names = ("batch_size", "dtype", "max_memory", "offload_dir", "tiled_decode", "sliced_decode", "variant", "revision")
     fields = {name: getattr(args, name) for name in names}
     fields["pipeline_stages"] = args.pipeline_stages
+    if args.compile:
+        fields["compile"] = True
     if args.pipeline_split is not None:
         fields["pipeline_split"] = [name.strip() for name in args.pipeline_split.split(",")]
     if args.micro_batch_size is not None:

@@ -138,7 +138,8 @@ def root_keys(store: Store, root: dict) -> Iterator[str]:
         items = request_items(request, source, store)
     for item in items:
         found = item_keys(identity, item.prompt, item.negative_prompt, item.seed, item.settings, root["dtype"],
-                          root["tiled_decode"], root["sliced_decode"], root["metadata"], root["model"])  # fmt: skip
+                          root["tiled_decode"], root["sliced_decode"], root["metadata"], root["model"],
+                          root.get("levers", ""))  # fmt: skip
         yield from found.values()
 
 

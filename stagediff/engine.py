@@ -163,7 +163,7 @@ class Engine:
     def keys(self, item: Item) -> dict[str, str]:
         return item_keys(
             self.identity, item.prompt, item.negative_prompt, item.seed, item.settings, self.ctx.dtype,
-            self.tiled_decode, self.sliced_decode, self.metadata, self.ctx.model,
+            self.tiled_decode, self.sliced_decode, self.metadata, self.ctx.model, self.ctx.levers,
         )  # fmt: skip
 
     def run(
@@ -328,7 +328,8 @@ class Engine:
                 made |= {item.index: "recomputed" if item.index in damaged else "computed" for item in ours}
                 entry = {**result.process, "items": item_span(result.items), "loads": result.loads,
                          "load_seconds": result.load_seconds, "compute_seconds": result.compute_seconds,
-                         **({"pipeline": result.pipeline} if result.pipeline else {})}  # fmt: skip
+                         **({"pipeline": result.pipeline} if result.pipeline else {}),
+                         **({"compiled": result.compiled} if result.compiled else {})}  # fmt: skip
                 record.add_process(entry)
                 if self.on_process is not None:
                     self.on_process(stage, entry)
@@ -430,7 +431,10 @@ class Engine:
             command += ["--crop-top-left", f"{s.crops_coords_top_left[0]},{s.crops_coords_top_left[1]}"]
         command += ["--tiled-decode"] * self.tiled_decode + ["--sliced-decode"] * self.sliced_decode
         command += ["--variant", self.ctx.variant] if self.ctx.variant else []
+        command += ["--compile"] * self.ctx.compile
+        levers = {"levers": self.ctx.levers} if self.ctx.levers else {}  # exact runs' PNGs unchanged
         return {
+            **levers,
             "prompt": item.prompt,
             "negative_prompt": item.negative_prompt,
             "seed": item.seed,
@@ -512,6 +516,7 @@ def build_engine(
         pipeline_stages=placement.pipeline_stages,
         pipeline_split=tuple(placement.pipeline_split) if placement.pipeline_split else None,
         micro_batch_size=placement.micro_batch_size,
+        compile=placement.compile,
     )
     identity = model_identity(model, placement.variant)
     check_model_weights(model, placement.variant, digest(asdict(identity)))  # once per model version

@@ -37,6 +37,12 @@ class StageContext:
     pipeline_stages: int = 1  # > 1: denoise with the denoiser split into this many parts, one process each
     pipeline_split: tuple[str, ...] | None = None  # the blocks where parts 2..N start; None: balanced compute
     micro_batch_size: int | None = None  # items per micro-batch through the parts; None: batch_size
+    compile: bool = False  # regional compilation of the denoiser's repeated blocks (its code cached in the store)
+
+    @property
+    def levers(self) -> str:
+        """The speed levers that change the denoiser's bits, as the content keys name them ("" : none)."""
+        return "compile" if self.compile else ""
 
     def open_store(self) -> Store:
         from stagediff.artifacts import Store
@@ -141,3 +147,4 @@ class StageResult:
     environment: dict | None = None  # what the process saw: CUDA_VISIBLE_DEVICES, torch threads, its CPUs
     pipeline: dict | None = None  # denoise in parts: the split (blocks per part and device) and each part's time
     process: dict | None = None  # set by the parent: pid, seconds, start-up, peak RSS (isolation.ProcessStats)
+    compiled: dict | None = None  # --compile: where the compiled code came from and what the first batches cost

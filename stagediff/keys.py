@@ -180,11 +180,16 @@ def embeddings_key(
     )
 
 
-def latents_key(embeddings: str, model: ModelIdentity, settings: DenoiseSettings, seed: int, dtype: str) -> str:
-    """`settings`: steps, guidance, size, true CFG scale, SDXL micro-conditioning (all of DenoiseSettings)."""
+def latents_key(
+    embeddings: str, model: ModelIdentity, settings: DenoiseSettings, seed: int, dtype: str, levers: str = ""
+) -> str:
+    """`settings`: steps, guidance, size, true CFG scale, SDXL micro-conditioning (all of DenoiseSettings);
+    `levers`: the speed levers that change the denoiser's bits ("compile"), empty for diffusers' exact path
+    (then absent from the key: the keys of exact runs never change)."""
     m = _model_json(model)
     return _digest_encoded(
         {
+            **({"levers": _json(levers)} if levers else {}),
             "v": _json(KEY_VERSION),
             "kind": '"latents"',
             "embeddings": _json(embeddings),
@@ -227,13 +232,14 @@ def item_keys(
     sliced: bool = False,
     metadata: bool = True,
     named: str = "",
+    levers: str = "",
 ) -> dict[str, str]:
     """One item's store keys, by artifact kind: `embeddings`, `latents`, `images` (`dtype` resolved, never "auto";
-    `named`: the model as the run names it, which a PNG with metadata records).
+    `named`: the model as the run names it, which a PNG with metadata records; `levers`: see `latents_key`).
 
     The one key function: every flow names its artifacts through it."""
     embeddings = embeddings_key(model, prompt, negative_prompt, settings.max_sequence_length, dtype)
-    latents = latents_key(embeddings, model, settings, seed, dtype)
+    latents = latents_key(embeddings, model, settings, seed, dtype, levers)
     image = image_key(latents, model, tiled, sliced, dtype, metadata, named)
     return {"embeddings": embeddings, "latents": latents, "images": image}
 

@@ -263,6 +263,18 @@ class Placement(_Model):
         description="With pipeline stages: items per micro-batch (a batch is cut); empty: batch_size.",
     )
 
+    compile: bool = Field(
+        default=False,
+        description="Compile the denoiser's repeated blocks (torch.compile, regional); its compiled code is kept in "
+        "the store, so it is compiled once per machine kind and shape. Near-exact: images differ in the last bits.",
+    )
+
+    @model_validator(mode="after")
+    def _compile_where_it_runs(self) -> Placement:
+        if self.compile and self.pipeline_stages > 1:
+            raise RequestError("compile", True, "does not go with pipeline_stages > 1 yet: use one of them")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _max_memory(cls, data: Any) -> Any:

@@ -16,10 +16,12 @@ def reference_images(
     dtype: str | None = None,
     tiled_decode: bool = False,
     variant: str | None = None,
+    compile: bool = False,
     **call_kwargs,
 ) -> list[np.ndarray]:
     """`DiffusionPipeline.from_pretrained(model)(prompt, generator=Generator("cpu").manual_seed(seed + i), ...)`,
-    with `negative_prompt=negative_prompts[i]` when given."""
+    with `negative_prompt=negative_prompts[i]` when given; `compile`: the denoiser's repeated blocks compiled as
+    diffusers' docs show (`compile_repeated_blocks(fullgraph=True)`)."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -28,6 +30,8 @@ def reference_images(
     pipe.set_progress_bar_config(disable=True)
     if tiled_decode:
         pipe.vae.enable_tiling()
+    if compile:
+        (pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).compile_repeated_blocks(fullgraph=True)
     images = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(seed + i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from stagediff.artifacts import Store
 from stagediff.family import family_for, vae_scale_factor
 from stagediff.jobs import DenoiseItem, DenoiseJob, ItemRef, StageContext, StageResult
+from stagediff.stages.compiled import CompileCache, compile_blocks, shape_of
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count, device_map_of, torch_dtype
 from stagediff.stages.loading import empty_denoiser, load_denoiser_model, load_pipeline
 from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
@@ -67,13 +69,34 @@ def denoise(job: DenoiseJob) -> StageResult:
         return denoise_in_parts(job)
     ctx, family, store = job.ctx, family_for(job.ctx.model), job.ctx.open_store()
     result = StageResult()
-    models = Loaded(lambda: load_denoiser(ctx), result, "denoise")
+    compiled: list[CompileCache] = []  # --compile: the compiled code's cache, once the denoiser is loaded
+
+    def load():
+        pipe, device_map = load_denoiser(ctx)
+        if ctx.compile:
+            compiled.append(CompileCache(ctx, store))
+            offloaded = accelerator_count() > 0 and {"cpu", "disk"} & {str(d) for d in device_map.values()}
+            compile_blocks(getattr(pipe, family.denoiser), fullgraph=not offloaded)  # offload hooks break graphs
+        return pipe, device_map
+
+    models = Loaded(load, result, "denoise")
+    shapes: set[tuple] = set()
     for n, batch in enumerate(batches(store, "latents", job.items, lambda item: item.settings, ctx.batch_size), 1):
         pipe, device_map = models.get()
         if result.device_map is None:
             result.device_map = device_map
             log.debug("%s loaded (device map: %s)", family.denoiser, device_map)
-        store_latents(job, store, result, batch, denoise_batch(pipe, job, store, batch, n))
+        start, shape = time.perf_counter(), shape_of(batch, batch[0].settings)
+        latents = denoise_batch(pipe, job, store, batch, n)
+        if compiled and shape not in shapes:  # compiled (or its code loaded) as it ran: counted as loading
+            shapes.add(shape)
+            compiled[0].timed(time.perf_counter() - start)
+            result.load_seconds += time.perf_counter() - start
+        store_latents(job, store, result, batch, latents)
+    if compiled:
+        result.compiled = compiled[0].finish()
+        log.info("denoise: blocks compiled, code %s (key %s…); first batch of each shape: %s s",
+                 result.compiled["from"], compiled[0].key[:12], result.compiled["first_batch_seconds"])  # fmt: skip
     return models.finish()
 
 
