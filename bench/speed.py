@@ -1,37 +1,87 @@
 """Speed levers on the mid-sized model (bench/models.py), fresh commands side by side: plain diffusers at its
-defaults (float32, eager), plain diffusers with the lever applied by hand, `stagediff generate` exact and
-with the lever; the quality cost of the lever (pixel differences from the exact images, PSNR); for
+defaults (float32, eager), plain diffusers with each lever applied by hand, `stagediff generate` exact and
+with each lever; the quality cost of each lever (pixel differences from the exact images, PSNR); for
 `--compile`, the compile time of a first run (nothing compiled anywhere), of a second run on the same store
-(this machine's compiled folder removed: the code comes from the store) and of a second replica.
+(this machine's compiled folder removed: the code comes from the store) and of 2 replicas doing the same.
 
-    python -m bench.speed [--n 32] [--steps 4] [--size 128] [--batch-size 8] [--repeats 1] [--json PATH]
+    python -m bench.speed [--levers compile int8 ...] [--n 32] [--steps 4] [--size 128] [--batch-size 8]
+                          [--repeats 1] [--json PATH]
 
-Images per second count the whole fresh command (load, compile or load the compiled code, run). The
-diffusers-by-hand way keeps its own inductor cache folder, warmed by a first run that is not counted, as
-stagediff's machine folder is after its first run: both compile once per machine.
+Images per second count the whole fresh command (load, compile or load the compiled code, run). Every
+compiled way has been run once before it is timed (not counted), as in production: stagediff's compiled
+code is then in its store and on the machine, the by-hand way's in its own inductor cache folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import median, prefect_api, print_table, timed_run, write_json
+from bench.common import median, prefect_api, print_table, write_json
 from bench.models import mid_flux
 from bench.throughput import DIFFUSERS_SCRIPT, prompts
 
-COMPILE = "pipe.transformer.compile_repeated_blocks(fullgraph=True)\n"  # as diffusers' docs show
-BY_HAND = {
-    "compile": DIFFUSERS_SCRIPT.replace("pipe.set_progress_bar_config", COMPILE + "pipe.set_progress_bar_config")
+# stagediff's options for each lever, and the same lever applied by hand to a plain diffusers pipeline
+LEVERS = {
+    "compile": ["--compile"],
+    "first-block": ["--cache", "first-block"],
+    "taylorseer": ["--cache", "taylorseer"],
+    "int8-weight": ["--quantize", "int8-weight"],
+    "int8": ["--quantize", "int8"],
+    "int8+compile": ["--quantize", "int8", "--compile"],
+    "int8+compile+taylorseer": ["--quantize", "int8", "--compile", "--cache", "taylorseer"],
 }
+
+SETUP = """
+import diffusers, transformers
+from diffusers import PipelineQuantizationConfig
+lever, prompts = sys.argv[8].split("+") if sys.argv[8] else [], sys.argv[9:]
+kwargs = {}
+for mode in {"int8", "int8-weight"} & set(lever):
+    from torchao import quantization as ao
+    config = {"int8": ao.Int8DynamicActivationInt8WeightConfig, "int8-weight": ao.Int8WeightOnlyConfig}[mode]
+    mapping = {"transformer": diffusers.TorchAoConfig(config()), "text_encoder_2": transformers.TorchAoConfig(config())}
+    kwargs.update(quantization_config=PipelineQuantizationConfig(quant_mapping=mapping), dtype=torch.float32)
+pipe = DiffusionPipeline.from_pretrained(model, use_safetensors=True, **kwargs)
+if "first-block" in lever:
+    pipe.transformer.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.05))
+if "taylorseer" in lever:
+    pipe.transformer.enable_cache(diffusers.TaylorSeerCacheConfig())
+if "compile" in lever:
+    cached = "first-block" in lever or "taylorseer" in lever  # a cache's skip decisions break the graph
+    pipe.transformer.compile_repeated_blocks(fullgraph=not cached)
+"""
+# the throughput benchmark's plain diffusers loop, each lever applied by hand before it
+BY_HAND = DIFFUSERS_SCRIPT.replace("prompts = sys.argv[8:]\n", "").replace(
+    "pipe = DiffusionPipeline.from_pretrained(model, use_safetensors=True)\n", SETUP
+)
+assert BY_HAND.count("lever") > 1 and "sys.argv[8:]" not in BY_HAND
+COMPILED = re.compile(r"code (\w+) \(key \w+…\); first batch of each shape: \[([0-9., ]*)\] s")
+
+
+def run(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Wall seconds and output of a command, which must succeed."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:6])}... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return round(seconds, 3), proc.stdout + proc.stderr
+
+
+def compile_seconds(output: str) -> list[tuple[str, float]]:
+    """Each denoise process's (where its code came from, first batch of each shape in seconds), from its log."""
+    return [(m.group(1), sum(float(x) for x in m.group(2).split(",") if x.strip())) for m in COMPILED.finditer(output)]
 
 
 def quality(images: Path, exact: Path) -> dict[str, float]:
@@ -49,15 +99,9 @@ def quality(images: Path, exact: Path) -> dict[str, float]:
             "psnr_db": math.inf if mse == 0 else round(10 * math.log10(255**2 / mse), 2)}  # fmt: skip
 
 
-def compile_seconds(run_dir: Path) -> float:
-    """The first batch of each shape in the run's denoise processes (compiling, or loading the compiled code)."""
-    summary = json.loads((run_dir / "manifest.json").read_text())
-    processes = summary["stages"]["denoise"].get("processes", [])
-    return round(sum(sum(p.get("compiled", {}).get("first_batch_seconds", [])) for p in processes), 3)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
@@ -71,61 +115,74 @@ def main(argv: list[str] | None = None) -> dict:
     model, n = mid_flux(), args.n
     shape = [str(args.steps), str(args.size), str(args.max_sequence_length)]
     times: dict[str, list[float]] = {}
-    extra: dict[str, float] = {}
+    compiled: dict[str, list] = {}
+    qualities: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="stagediff-bench-") as tmp, prefect_api(args.api_url) as api_url:
         root = Path(tmp)
         env = {**os.environ, "PREFECT_API_URL": api_url, "STAGEDIFF_CACHE": str(root / "machine")}
 
-        def diffusers(way: str, out: Path) -> float:
+        def diffusers(lever: str, out: Path) -> float:
             out.mkdir(parents=True)
-            script = BY_HAND.get(way, DIFFUSERS_SCRIPT)
-            command = [sys.executable, "-c", script, str(model), str(out), str(n), str(args.batch_size), *shape,
-                       *prompts(n)]  # fmt: skip
-            return round(timed_run(command, env={**env, "TORCHINDUCTOR_CACHE_DIR": str(root / "by-hand")}), 3)
+            command = [sys.executable, "-c", BY_HAND, str(model), str(out), str(n), str(args.batch_size), *shape,
+                       lever, *prompts(n)]  # fmt: skip
+            return run(command, {**env, "TORCHINDUCTOR_CACHE_DIR": str(root / "by-hand")})[0]
 
-        def stagediff(run: str, *options: str, store: str = "store") -> float:
+        def stagediff(run_id: str, options: list[str], store: str, seed: int = 0) -> tuple[float, str]:
             cli = [sys.executable, "-m", "stagediff.cli", "generate", "--model", str(model), "--steps", shape[0],
                    "--height", shape[1], "--width", shape[1], "--max-sequence-length", shape[2],
-                   "--batch-size", str(args.batch_size), "--seed", "0", "--out", str(root / "s"), "--run-id", run,
-                   "--store", str(root / store), *options]  # fmt: skip
+                   "--batch-size", str(args.batch_size), "--seed", str(seed), "--out", str(root / "s"),
+                   "--run-id", run_id, "--store", str(root / store), *options]  # fmt: skip
             cli += [arg for p in prompts(n) for arg in ("--prompt", p)]
-            return round(timed_run(cli, env=env), 3)
+            return run(cli, env)
 
-        # compile: the first run compiles (nothing anywhere), the second takes the code from the store
-        times["stagediff --compile (first run, compiles)"] = [stagediff("compile-first", "--compile", store="c0")]
-        extra["first_compile_s"] = compile_seconds(root / "s" / "compile-first")
-        shutil.rmtree(root / "machine" / "compiled")
-        stagediff("compile-second", "--compile", "--seed", "1", store="c0")
-        extra["second_compile_s"] = compile_seconds(root / "s" / "compile-second")
-        diffusers("compile", root / "warm-up")  # the by-hand way's inductor cache warmed, not counted
+        # 1. --compile: the first run compiles; then, this machine's folder removed, a second run and 2 replicas
+        #    take the code from the store
+        if "compile" in args.levers:
+            _, out = stagediff("compile-first", ["--compile"], "compile-store")
+            compiled["first run"] = compile_seconds(out)
+            for name, extra in (("second run", []), ("2 replicas", ["--replicas", "2"])):
+                shutil.rmtree(root / "machine" / "compiled")
+                _, out = stagediff(f"compile-{name[0]}", ["--compile", *extra], "compile-store", seed=len(compiled))
+                compiled[name] = compile_seconds(out)
+        # 2. Every compiled way run once, not counted (its code then in its store and on this machine)
+        for lever in (lever for lever in args.levers if "compile" in lever):
+            stagediff(f"warm-{lever}", LEVERS[lever], f"store-{lever}", seed=99)
+            diffusers(lever, root / f"warm-{lever}")
+        # 3. Side by side, fresh commands; each stagediff run on a fresh store (its compiled code copied in)
         for r in range(args.repeats):
-            for way in ("plain", "compile"):
-                times.setdefault(f"diffusers {way}", []).append(diffusers(way, root / f"d-{way}-{r}"))
-            times.setdefault("stagediff exact", []).append(stagediff(f"exact-{r}", store=f"e{r}"))
-            times.setdefault("stagediff --compile", []).append(
-                stagediff(f"compile-{r}", "--compile", store=f"c{r + 1}")
-            )
-        exact_images, compiled_images = root / "s" / "exact-0" / "images", root / "s" / "compile-0" / "images"
-        measured = quality(compiled_images, exact_images)
-        by_hand = quality(root / "d-compile-0", root / "d-plain-0")
+            times.setdefault("diffusers plain", []).append(diffusers("", root / f"d-plain-{r}"))
+            times.setdefault("stagediff exact", []).append(stagediff(f"exact-{r}", [], f"exact-{r}")[0])
+            for lever in args.levers:
+                times.setdefault(f"diffusers {lever}", []).append(diffusers(lever, root / f"d-{lever}-{r}"))
+                store = root / f"store-{lever}-{r}"
+                if (root / f"store-{lever}" / "objects" / "compiled").exists():
+                    shutil.copytree(root / f"store-{lever}" / "objects" / "compiled", store / "objects" / "compiled")
+                seconds, _ = stagediff(f"{lever}-{r}", LEVERS[lever], store.name)
+                times.setdefault(f"stagediff {lever}", []).append(seconds)
+        exact = root / "s" / "exact-0" / "images"
+        for lever in args.levers:
+            qualities[lever] = {"stagediff": quality(root / "s" / f"{lever}-0" / "images", exact),
+                                "diffusers by hand": quality(root / f"d-{lever}-0", root / "d-plain-0")}  # fmt: skip
 
     med = {way: median(values) for way, values in times.items()}
-    plain, by_hand_s = med["diffusers plain"], med["diffusers compile"]
-    rows = [[way, seconds, round(n / seconds, 3), round(plain / seconds, 3)] for way, seconds in med.items()]
+    plain = med["diffusers plain"]
     title = f"Speed levers, N = {n}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}"
+    rows = [[way, seconds, round(n / seconds, 3), round(plain / seconds, 3)] for way, seconds in med.items()]
     print_table(f"{title}, median of {args.repeats}, fresh commands", ["way", "s", "img/s", "vs plain"], rows)
-    ratios = {
-        "compile_vs_diffusers_plain": round(plain / med["stagediff --compile"], 3),
-        "compile_vs_diffusers_compiled_by_hand": round(by_hand_s / med["stagediff --compile"], 3),
-        "exact_vs_diffusers_plain": round(plain / med["stagediff exact"], 3),
-        "second_run_compile_share": round(extra["second_compile_s"] / max(extra["first_compile_s"], 1e-9), 3),
-    }
-    print_table("Ratios and compile time", ["figure", "value"], [[k, v] for k, v in {**ratios, **extra}.items()])
-    print_table("Quality of --compile (pixels 0-255, from the exact images)", ["images", "max abs", "mean abs",
-                "PSNR dB"], [["stagediff --compile vs exact", *measured.values()],
-                             ["diffusers compiled vs plain", *by_hand.values()]])  # fmt: skip
-    payload = {"settings": vars(args), "runs": times, "medians": med, "ratios": ratios, "compile": extra,
-               "quality": {"stagediff_compile": measured, "diffusers_compile": by_hand}}  # fmt: skip
+    ratios = {lever: {"vs_diffusers_plain": round(plain / med[f"stagediff {lever}"], 3),
+                      "vs_diffusers_by_hand": round(med[f"diffusers {lever}"] / med[f"stagediff {lever}"], 3)}
+              for lever in args.levers}  # fmt: skip
+    print_table("stagediff with each lever", ["lever", "vs diffusers plain", "vs diffusers by hand", "max abs",
+                "mean abs", "PSNR dB", "by hand: PSNR dB"],
+                [[lever, *ratios[lever].values(), *qualities[lever]["stagediff"].values(),
+                  qualities[lever]["diffusers by hand"]["psnr_db"]] for lever in args.levers])  # fmt: skip
+    if compiled:
+        first = sum(seconds for _, seconds in compiled["first run"]) or 1e-9
+        rows = [[name, ", ".join(f"{s:.1f} s ({src})" for src, s in found), round(max(s for _, s in found) / first, 3)]
+                for name, found in compiled.items()]  # fmt: skip
+        print_table("--compile: first batch of each shape per denoise process", ["run", "seconds", "share"], rows)
+    payload = {"settings": vars(args), "runs": times, "medians": med, "ratios": ratios, "quality": qualities,
+               "compile": compiled}  # fmt: skip
     write_json(args.json, "speed", payload)
     return payload
 

@@ -121,6 +121,7 @@ def register_root(
         "sliced_decode": engine.sliced_decode,
         "metadata": engine.metadata,
         "levers": engine.ctx.levers,
+        "encode_levers": engine.ctx.encode_levers,
         "source": source.model_dump(),
         "record": str((summary.parent / ("batch.db" if batch is not None else "record.db")).absolute()),
     }

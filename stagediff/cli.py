@@ -200,6 +200,12 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
                         "single_transformer_blocks.4 (default: equal estimated compute)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="compile the denoiser's repeated blocks (faster after "
                         "the first run; compiled code kept in the store; images differ in the last bits)")  # fmt: skip
+    parser.add_argument("--cache", help="reuse the denoiser's block outputs across steps (Flux): first-block"
+                        "[:THRESHOLD] (each item alone), taylorseer or magcache; approximate (own keys)")  # fmt: skip
+    parser.add_argument("--quantize", help="quantize components as they load: int8 (torchao, weights and activations), "
+                        "int8-weight, float8 (CUDA 8.9+) or nf4 (CUDA); approximate (own keys)")  # fmt: skip
+    parser.add_argument("--quantize-components", help="comma-separated, e.g. transformer,text_encoder_2 (default: the "
+                        "denoiser and the largest text encoder)")  # fmt: skip
     parser.add_argument(
         "--micro-batch-size",
         type=integer,
@@ -230,6 +236,12 @@ def placement_of(args: argparse.Namespace) -> dict:
     fields["pipeline_stages"] = args.pipeline_stages
     if args.compile:
         fields["compile"] = True
+    if args.cache is not None:
+        fields["cache"] = args.cache
+    if args.quantize is not None:
+        fields["quantize"] = args.quantize
+    if args.quantize_components is not None:
+        fields["quantize_components"] = [name.strip() for name in args.quantize_components.split(",")]
     if args.pipeline_split is not None:
         fields["pipeline_split"] = [name.strip() for name in args.pipeline_split.split(",")]
     if args.micro_batch_size is not None:

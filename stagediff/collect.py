@@ -139,7 +139,7 @@ def root_keys(store: Store, root: dict) -> Iterator[str]:
     for item in items:
         found = item_keys(identity, item.prompt, item.negative_prompt, item.seed, item.settings, root["dtype"],
                           root["tiled_decode"], root["sliced_decode"], root["metadata"], root["model"],
-                          root.get("levers", ""))  # fmt: skip
+                          root.get("levers", ""), root.get("encode_levers", ""))  # fmt: skip
         yield from found.values()
 
 

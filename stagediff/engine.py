@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from stagediff.artifacts import ArtifactError, Store, atomic_write_bytes
 from stagediff.default_model import cache_dir
+from stagediff.family import family_for
 from stagediff.isolation import run_isolated, run_stage_process
 from stagediff.jobs import (
     KIND_OF_STAGE,
@@ -47,7 +48,14 @@ from stagediff.jobs import (
 )
 from stagediff.keys import ModelIdentity, digest, item_keys, model_hash, model_identity, resolve_dtype
 from stagediff.progress import Progress
-from stagediff.request import GenerateRequest, Placement, RequestError, RunOptions, resolve_settings
+from stagediff.request import (
+    GenerateRequest,
+    Placement,
+    RequestError,
+    RunOptions,
+    quantized_components,
+    resolve_settings,
+)
 
 if TYPE_CHECKING:
     from stagediff.sources import Source
@@ -164,6 +172,7 @@ class Engine:
         return item_keys(
             self.identity, item.prompt, item.negative_prompt, item.seed, item.settings, self.ctx.dtype,
             self.tiled_decode, self.sliced_decode, self.metadata, self.ctx.model, self.ctx.levers,
+            self.ctx.encode_levers,
         )  # fmt: skip
 
     def run(
@@ -431,8 +440,11 @@ class Engine:
             command += ["--crop-top-left", f"{s.crops_coords_top_left[0]},{s.crops_coords_top_left[1]}"]
         command += ["--tiled-decode"] * self.tiled_decode + ["--sliced-decode"] * self.sliced_decode
         command += ["--variant", self.ctx.variant] if self.ctx.variant else []
-        command += ["--compile"] * self.ctx.compile
-        levers = {"levers": self.ctx.levers} if self.ctx.levers else {}  # exact runs' PNGs unchanged
+        command += ["--compile"] * self.ctx.compile + (["--cache", self.ctx.cache] if self.ctx.cache else [])
+        if self.ctx.quantize:
+            command += ["--quantize", self.ctx.quantize, "--quantize-components", ",".join(self.ctx.quantized)]
+        levers = ",".join(filter(None, (self.ctx.encode_levers, self.ctx.levers)))
+        levers = {"levers": levers} if levers else {}  # exact runs' PNGs unchanged
         return {
             **levers,
             "prompt": item.prompt,
@@ -517,6 +529,10 @@ def build_engine(
         pipeline_split=tuple(placement.pipeline_split) if placement.pipeline_split else None,
         micro_batch_size=placement.micro_batch_size,
         compile=placement.compile,
+        cache=placement.cache,
+        quantize=placement.quantize,
+        quantized=quantized_components(model, family_for(model), placement),
+        denoiser=family_for(model).denoiser,
     )
     identity = model_identity(model, placement.variant)
     check_model_weights(model, placement.variant, digest(asdict(identity)))  # once per model version

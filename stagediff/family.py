@@ -43,6 +43,7 @@ class Family:
     # Empty: it cannot be split (a UNet's skip connections cross its blocks).
     denoiser_blocks: ClassVar[tuple[tuple[str, str], ...]] = ()
     denoiser_packs_latents: ClassVar[bool] = False  # the pipeline packs 2x2 latent patches into a token (Flux)
+    block_cache: ClassVar[bool] = False  # the denoiser takes diffusers' cache configs (its class is a CacheMixin)
 
     @classmethod
     def denoiser_config(cls, model: str | Path) -> dict[str, Any]:
@@ -98,6 +99,7 @@ class Flux(Family):
     denoiser = "transformer"
     denoiser_blocks = (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))
     denoiser_packs_latents = True
+    block_cache = True
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     true_cfg = True
     default_steps = 28

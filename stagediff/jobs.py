@@ -38,11 +38,22 @@ class StageContext:
     pipeline_split: tuple[str, ...] | None = None  # the blocks where parts 2..N start; None: balanced compute
     micro_batch_size: int | None = None  # items per micro-batch through the parts; None: batch_size
     compile: bool = False  # regional compilation of the denoiser's repeated blocks (its code cached in the store)
+    cache: str | None = None  # diffusers' block cache on the denoiser: "first-block:0.05", "taylorseer", "magcache"
+    quantize: str | None = None  # "int8", "int8-weight", "float8", "nf4": of the `quantized` components
+    quantized: tuple[str, ...] = ()  # the components quantized as they load ("transformer", "text_encoder_2")
+    denoiser: str = "transformer"  # the family's denoiser component ("unet" for SD 1.5 and SDXL)
 
     @property
     def levers(self) -> str:
-        """The speed levers that change the denoiser's bits, as the content keys name them ("" : none)."""
-        return "compile" if self.compile else ""
+        """The speed levers that change the denoiser's bits, as the content keys name them ("": none)."""
+        found = [*(["compile"] if self.compile else []), *([f"cache={self.cache}"] if self.cache else [])]
+        return ",".join([*found, *([f"quantize={self.quantize}"] if self.denoiser in self.quantized else [])])
+
+    @property
+    def encode_levers(self) -> str:
+        """The levers that change the text embeddings' bits: the quantized text encoders ("": none)."""
+        encoders = [name for name in self.quantized if name != self.denoiser]
+        return f"quantize={self.quantize}:{'+'.join(sorted(encoders))}" if encoders else ""
 
     def open_store(self) -> Store:
         from stagediff.artifacts import Store

@@ -163,11 +163,18 @@ def _settings_json(settings: DenoiseSettings) -> str:
 
 
 def embeddings_key(
-    model: ModelIdentity, prompt: str, negative_prompt: str | None, max_sequence_length: int, dtype: str
+    model: ModelIdentity,
+    prompt: str,
+    negative_prompt: str | None,
+    max_sequence_length: int,
+    dtype: str,
+    levers: str = "",
 ) -> str:
+    """`levers`: what changes the text encoders' bits (quantized encoders); empty: absent from the key."""
     m = _model_json(model)
     return _digest_encoded(
         {
+            **({"levers": _json(levers)} if levers else {}),
             "v": _json(KEY_VERSION),
             "kind": '"embeddings"',
             "pipeline": m["pipeline"],
@@ -233,12 +240,14 @@ def item_keys(
     metadata: bool = True,
     named: str = "",
     levers: str = "",
+    encode_levers: str = "",
 ) -> dict[str, str]:
     """One item's store keys, by artifact kind: `embeddings`, `latents`, `images` (`dtype` resolved, never "auto";
-    `named`: the model as the run names it, which a PNG with metadata records; `levers`: see `latents_key`).
+    `named`: the model as the run names it, which a PNG with metadata records; `levers`, `encode_levers`: see
+    `latents_key` and `embeddings_key`).
 
     The one key function: every flow names its artifacts through it."""
-    embeddings = embeddings_key(model, prompt, negative_prompt, settings.max_sequence_length, dtype)
+    embeddings = embeddings_key(model, prompt, negative_prompt, settings.max_sequence_length, dtype, encode_levers)
     latents = latents_key(embeddings, model, settings, seed, dtype, levers)
     image = image_key(latents, model, tiled, sliced, dtype, metadata, named)
     return {"embeddings": embeddings, "latents": latents, "images": image}

@@ -24,6 +24,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -64,6 +65,7 @@ MAX_INLINE_BYTES = 256 * 1024
 MODEL_DEFAULT = "empty: the model's pipeline default"
 
 # The one-line message for each checked field: what is allowed (the Field limits below say the same to the form).
+FIRST_BLOCK_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
 ALLOWED = {
     "steps": "must be an integer from 1 to 1000",
     "guidance": "must be a finite number >= 0",
@@ -84,6 +86,7 @@ ALLOWED = {
     "variant": "must be a weights variant name such as fp16 (letters, digits, '_' or '-')",
     "revision": "must be a Hub branch, tag or commit such as main, v1.0 or refs/pr/1 (letters, digits, . _ - /)",
     "pipeline_stages": "must be an integer from 1 to 64",
+    "cache": "must be first-block, first-block:THRESHOLD (0 < THRESHOLD <= 1), taylorseer or magcache",
     "pipeline_split": "must be block names such as single_transformer_blocks.4 (where parts 2..N start)",
     "micro_batch_size": "must be an integer >= 1",
 }
@@ -269,10 +272,49 @@ class Placement(_Model):
         "the store, so it is compiled once per machine kind and shape. Near-exact: images differ in the last bits.",
     )
 
+    cache: str | None = Field(
+        default=None,
+        description="Reuse the denoiser's block outputs across steps (diffusers' cache configs; Flux): first-block"
+        "[:THRESHOLD] (default 0.05; each item denoised alone), taylorseer or magcache. Approximate; empty: off.",
+    )
+
+    quantize: Literal["int8", "int8-weight", "float8", "nf4"] | None = Field(
+        default=None,
+        description="Quantize components as they load (diffusers' and transformers' quantization configs): int8 "
+        "(torchao, int8 weights and activations), int8-weight, float8 (CUDA 8.9+), nf4 (bitsandbytes, CUDA). "
+        "Approximate; empty: off.",
+    )
+    quantize_components: list[Annotated[str, StringConstraints(pattern=r"^[a-z_0-9]{1,32}$")]] | None = Field(
+        default=None, description="Components to quantize, e.g. [transformer, text_encoder_2]; empty: the denoiser "
+        "and the largest text encoder.",
+    )  # fmt: skip
+
+    @field_validator("cache")
+    @classmethod
+    def _cache(cls, value: str | None) -> str | None:
+        """The canonical spelling (first-block:0.05), which the content keys name."""
+        if value is None or value == "":
+            return None
+        name, _, threshold = value.partition(":")
+        if name in ("taylorseer", "magcache") and not threshold:
+            return name
+        if name == "first-block":
+            try:
+                number = float(threshold or FIRST_BLOCK_THRESHOLD)
+            except ValueError:
+                number = -1.0
+            if 0 < number <= 1:
+                return f"first-block:{number:g}"
+        raise RequestError("cache", value, ALLOWED["cache"])
+
     @model_validator(mode="after")
-    def _compile_where_it_runs(self) -> Placement:
-        if self.compile and self.pipeline_stages > 1:
-            raise RequestError("compile", True, "does not go with pipeline_stages > 1 yet: use one of them")
+    def _levers_where_they_run(self) -> Placement:
+        if self.quantize_components is not None and self.quantize is None:
+            raise RequestError("quantize_components", self.quantize_components, "needs quantize")
+        for name in ("compile", "cache", "quantize"):
+            if getattr(self, name) and self.pipeline_stages > 1:
+                allowed = "does not go with pipeline_stages > 1 yet: use one of them"
+                raise RequestError(name, getattr(self, name), allowed)
         return self
 
     @model_validator(mode="before")
@@ -352,6 +394,10 @@ class GenerateRequest(_Model):
             family = FAMILIES[check_model_dir(self.model, self.placement.variant)["_class_name"]]
             self.settings.check_family(family, self.negative_prompts is not None)
             check_pipeline_stages(self.model, family, self.placement)
+            check_quantize(self.model, family, self.placement)
+            if self.placement.cache and not family.block_cache:
+                allowed = f"needs a denoiser that takes diffusers' cache configs (Flux), not {family.pipeline_class}'s"
+                raise RequestError("cache", self.placement.cache, allowed)
             if family.true_cfg and self.negative_prompts is not None and self.settings.true_cfg_scale <= 1:
                 allowed = f"{family.pipeline_class} uses negative prompts only with true_cfg_scale > 1"
                 raise RequestError("negative_prompts", self.negative_prompts, allowed + " (its guidance is distilled)")
@@ -360,6 +406,60 @@ class GenerateRequest(_Model):
     @property
     def run_dir(self) -> Path:
         return Path(self.out) / self.run_id
+
+
+QUANTIZE_NEEDS = {"int8": "torchao", "int8-weight": "torchao", "float8": "torchao", "nf4": "bitsandbytes"}
+
+
+def quantized_components(model: str, family: type[Family], placement: Placement) -> tuple[str, ...]:
+    """The components `placement.quantize` applies to: those named, or the denoiser and the largest text encoder
+    (by the bytes of its weight files)."""
+    if placement.quantize is None:
+        return ()
+    if placement.quantize_components is not None:
+        return tuple(dict.fromkeys(placement.quantize_components))
+    encoders = [n for n in family.text_components if n.startswith("text_encoder") and (Path(model) / n).is_dir()]
+    size = {n: sum(p.stat().st_size for p in weight_files(Path(model) / n, placement.variant)) for n in encoders}
+    return (family.denoiser, *([max(encoders, key=lambda name: size[name])] if encoders else []))
+
+
+def gpu_capabilities() -> list[float]:
+    """Each visible NVIDIA GPU's compute capability, asked of nvidia-smi (no CUDA initialised here)."""
+    import shutil
+    import subprocess
+
+    if not visible_gpus() or shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout  # fmt: skip
+        return [float(line) for line in out.split()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+
+
+def check_quantize(model: str, family: type[Family], placement: Placement) -> None:
+    """`quantize` and its components against the model, the installed packages and this machine's devices."""
+    import importlib.util
+
+    mode = placement.quantize
+    if mode is None:
+        return
+    allowed_components = [family.denoiser, *(n for n in family.text_components if n.startswith("text_encoder"))]
+    for name in placement.quantize_components or []:
+        if name not in allowed_components:
+            allowed = f"must name components of {family.pipeline_class} to quantize: {', '.join(allowed_components)}"
+            raise RequestError("quantize_components", placement.quantize_components, allowed)
+    package = QUANTIZE_NEEDS[mode]
+    if importlib.util.find_spec(package) is None:
+        raise RequestError("quantize", mode, f"needs the {package} package (pip install {package})")
+    capabilities = gpu_capabilities()
+    if mode == "float8" and not any(c >= 8.9 for c in capabilities):
+        shown = ", ".join(map(str, capabilities)) or "none"
+        allowed = f"needs a CUDA GPU of compute capability 8.9 or more (this machine: {shown})"
+        raise RequestError("quantize", mode, allowed)
+    if mode == "nf4" and not capabilities:
+        raise RequestError("quantize", mode, "needs a CUDA GPU (bitsandbytes' 4-bit kernels); this machine shows none")
 
 
 def check_pipeline_stages(model: str, family: type[Family], placement: Placement) -> None:

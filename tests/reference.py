@@ -17,19 +17,26 @@ def reference_images(
     tiled_decode: bool = False,
     variant: str | None = None,
     compile: bool = False,
+    cache: object | None = None,
+    quantization_config: object | None = None,
     **call_kwargs,
 ) -> list[np.ndarray]:
     """`DiffusionPipeline.from_pretrained(model)(prompt, generator=Generator("cpu").manual_seed(seed + i), ...)`,
     with `negative_prompt=negative_prompts[i]` when given; `compile`: the denoiser's repeated blocks compiled as
-    diffusers' docs show (`compile_repeated_blocks(fullgraph=True)`)."""
+    diffusers' docs show (`compile_repeated_blocks(fullgraph=True)`); `cache`: a diffusers cache config enabled on
+    the denoiser (`pipe.transformer.enable_cache(cache)`); `quantization_config`: to `from_pretrained`."""
     import torch
     from diffusers import DiffusionPipeline
 
     options = {"dtype": getattr(torch, dtype)} if dtype else {}
+    if quantization_config is not None:
+        options["quantization_config"] = quantization_config
     pipe = DiffusionPipeline.from_pretrained(str(model), **options, **({"variant": variant} if variant else {}))
     pipe.set_progress_bar_config(disable=True)
     if tiled_decode:
         pipe.vae.enable_tiling()
+    if cache is not None:
+        pipe.transformer.enable_cache(cache)
     if compile:
         (pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).compile_repeated_blocks(fullgraph=True)
     images = []

@@ -4,6 +4,7 @@ approximate artifacts), its images against plain diffusers with the same lever a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -12,12 +13,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import read_items
 from tests.reference import read_image, reference_images
 
 PROMPTS = ["a red fox", "a tower at dusk"]
 ARGS = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "8", "--seed", "4"]
+
+
+@pytest.fixture
+def api(prefect_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
 
 
 def stagediff(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -80,3 +89,119 @@ def test_compile_with_pipeline_stages_is_refused_in_one_line(tmp_path: Path) -> 
     assert refused.stderr.strip().splitlines() == [
         "stagediff: error: invalid compile=True: does not go with pipeline_stages > 1 yet: use one of them"
     ]
+
+
+def cache_config(name: str):
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    return {"first-block:1": FirstBlockCacheConfig(threshold=1.0), "taylorseer": TaylorSeerCacheConfig(),
+            "magcache": MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=6)}[name]  # fmt: skip
+
+
+def test_block_caches_are_diffusers_with_the_same_config_by_hand_with_their_own_keys(
+    api, tiny_model: Path, tmp_path: Path
+) -> None:
+    from stagediff.cli import main
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model), "--steps", "6", "--height", "64", "--width", "64", "--max-sequence-length",
+            "8", "--seed", "4", "--out", str(out), *[a for p in PROMPTS for a in ("--prompt", p)]]  # fmt: skip
+    assert main(["generate", *args, "--run-id", "exact"]) == 0
+    exact = images(out / "exact")
+    latents = {read_items(out / "exact")[0]["keys"]["latents"]}
+    for name in ("first-block:1", "taylorseer", "magcache"):
+        assert main(["generate", *args, "--run-id", name.replace(":", "-"), "--cache", name]) == 0
+        run = out / name.replace(":", "-")
+        by_hand = reference_images(tiny_model, PROMPTS, seed=4, num_inference_steps=6, height=64, width=64,
+                                   max_sequence_length=8, cache=cache_config(name))  # fmt: skip
+        for image, reference in zip(images(run), by_hand, strict=True):
+            np.testing.assert_array_equal(image, reference, err_msg=name)
+        items = read_items(run)
+        assert items[0]["keys"]["latents"] not in latents, name  # never the exact run's, nor another cache's
+        latents.add(items[0]["keys"]["latents"])
+        summary = json.loads((run / "manifest.json").read_text())
+        assert summary["request"]["placement"]["cache"] == ("first-block:1" if name == "first-block:1" else name)
+    # the first-block cache at threshold 1 skips every step after the first: not the exact images
+    cached = images(out / "first-block-1")
+    assert any(np.abs(a.astype(int) - b.astype(int)).max() > 0 for a, b in zip(cached, exact, strict=True))
+    # a rerun reuses everything
+    assert main(["generate", *args, "--run-id", "first-block-1", "--cache", "first-block:1.0"]) == 0
+    summary = json.loads((out / "first-block-1" / "manifest.json").read_text())
+    assert summary["counts"]["computed_by_this_run"] == 0
+
+
+def test_a_block_cache_on_a_denoiser_without_one_is_refused_in_one_line(tmp_path: Path) -> None:
+    from stagediff.tiny_model import TinySD15Config, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "sd15", TinySD15Config())
+    refused = stagediff("generate", "--prompt", "a", "--model", str(model), "--cache", "taylorseer", "--out",
+                        str(tmp_path / "out"), env=dict(os.environ))  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("stagediff: error: invalid cache='taylorseer': needs a denoiser that takes diffusers'")
+    bad = stagediff("generate", "--prompt", "a", "--cache", "first-block:0", "--out", str(tmp_path / "out"),
+                    env=dict(os.environ))  # fmt: skip
+    assert bad.returncode == 2 and "invalid cache='first-block:0'" in bad.stderr, bad.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_components_are_diffusers_quantized_by_hand_with_their_own_keys(
+    api, tiny_model: Path, tmp_path: Path
+) -> None:
+    import diffusers
+    import transformers
+    from diffusers import PipelineQuantizationConfig
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    from stagediff.cli import main
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model), *ARGS, "--out", str(out), *[a for p in PROMPTS for a in ("--prompt", p)]]
+    assert main(["generate", *args, "--run-id", "exact"]) == 0
+    exact = read_items(out / "exact")
+    configs = {"int8": Int8DynamicActivationInt8WeightConfig, "int8-weight": Int8WeightOnlyConfig}
+    # the default components: the denoiser and the largest text encoder (CLIP's in the tiny model, T5 in FLUX.1)
+    size = {n: (tiny_model / n / "model.safetensors").stat().st_size for n in ("text_encoder", "text_encoder_2")}
+    largest = max(size, key=size.__getitem__)
+    for mode, config in configs.items():
+        assert main(["generate", *args, "--run-id", mode, "--quantize", mode]) == 0
+        summary = json.loads((out / mode / "manifest.json").read_text())
+        assert summary["request"]["placement"]["quantize"] == mode
+        mapping = {"transformer": diffusers.TorchAoConfig(config()), largest: transformers.TorchAoConfig(config())}
+        quantized = PipelineQuantizationConfig(quant_mapping=mapping)  # in the run's dtype (diffusers' default: bf16)
+        by_hand = reference_images(tiny_model, PROMPTS, seed=4, dtype="float32", num_inference_steps=2, height=64,
+                                   width=64, max_sequence_length=8, quantization_config=quantized)  # fmt: skip
+        for image, reference in zip(images(out / mode), by_hand, strict=True):
+            np.testing.assert_array_equal(image, reference, err_msg=mode)
+        for e, q in zip(exact, read_items(out / mode), strict=True):
+            assert e["keys"]["embeddings"] != q["keys"]["embeddings"] and e["keys"]["latents"] != q["keys"]["latents"]
+    # the denoiser alone: the exact run's embeddings are reused, its latents are not
+    assert main(["generate", *args, "--run-id", "denoiser", "--quantize", "int8-weight", "--quantize-components",
+                 "transformer"]) == 0  # fmt: skip
+    summary = json.loads((out / "denoiser" / "manifest.json").read_text())
+    assert summary["stages"]["encode"]["computed"] == 0 and summary["stages"]["denoise"]["computed"] == 2
+    for e, q in zip(exact, read_items(out / "denoiser"), strict=True):
+        assert e["keys"]["embeddings"] == q["keys"]["embeddings"] and e["keys"]["latents"] != q["keys"]["latents"]
+    # a rerun computes nothing
+    assert main(["generate", *args, "--run-id", "int8", "--quantize", "int8"]) == 0
+    assert json.loads((out / "int8" / "manifest.json").read_text())["counts"]["computed_by_this_run"] == 0
+
+
+def test_a_quantization_this_machine_cannot_run_is_refused_in_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    common = ["generate", "--prompt", "a", "--model", str(tiny_model), "--out", str(tmp_path / "out")]
+    cases = {
+        ("--quantize", "float8"): "invalid quantize='float8': needs a CUDA GPU of compute capability 8.9 or more",
+        ("--quantize", "int4"): "invalid quantize='int4'",
+        ("--quantize", "int8", "--quantize-components", "vae"): "invalid quantize_components=['vae']: must name",
+        ("--quantize-components", "transformer"): "invalid quantize_components=['transformer']: needs quantize",
+    }
+    if importlib.util.find_spec("bitsandbytes") is None:
+        cases[("--quantize", "nf4")] = "invalid quantize='nf4': needs the bitsandbytes package"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # whatever this machine has: no GPU
+    for options, message in cases.items():
+        refused = stagediff(*common, *options, env=env)
+        assert refused.returncode == 2, (options, refused.stderr)
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(f"stagediff: error: {message}"), (options, line)
+    assert not (tmp_path / "out").exists()

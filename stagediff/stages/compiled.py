@@ -50,7 +50,7 @@ def compile_key(ctx: StageContext) -> str:
     identity = model_identity(ctx.model, ctx.variant)
     return digest({
         "kind": "compiled", "v": 1, "pipeline": identity.pipeline, "denoiser": identity.denoiser,
-        "dtype": ctx.dtype, "batch_size": ctx.batch_size, "torch": torch.__version__,
+        "dtype": ctx.dtype, "levers": ctx.levers, "batch_size": ctx.batch_size, "torch": torch.__version__,
         "diffusers": diffusers.__version__, "python": list(sys.version_info[:2]), "device": device_kind(),
     })  # fmt: skip
 

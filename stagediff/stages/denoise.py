@@ -76,16 +76,23 @@ def denoise(job: DenoiseJob) -> StageResult:
         if ctx.compile:
             compiled.append(CompileCache(ctx, store))
             offloaded = accelerator_count() > 0 and {"cpu", "disk"} & {str(d) for d in device_map.values()}
-            compile_blocks(getattr(pipe, family.denoiser), fullgraph=not offloaded)  # offload hooks break graphs
+            # offload hooks and a block cache's skip decisions (data-dependent) break graphs: compiled in pieces
+            compile_blocks(getattr(pipe, family.denoiser), fullgraph=not offloaded and not ctx.cache)
         return pipe, device_map
 
     models = Loaded(load, result, "denoise")
     shapes: set[tuple] = set()
-    for n, batch in enumerate(batches(store, "latents", job.items, lambda item: item.settings, ctx.batch_size), 1):
+    cached_steps: int | None = None  # the steps the block cache is configured for
+    # first-block's skip decision is taken over the whole batch: each item alone, so its image never depends on it
+    size = 1 if ctx.cache and ctx.cache.startswith("first-block") else ctx.batch_size
+    for n, batch in enumerate(batches(store, "latents", job.items, lambda item: item.settings, size), 1):
         pipe, device_map = models.get()
         if result.device_map is None:
             result.device_map = device_map
             log.debug("%s loaded (device map: %s)", family.denoiser, device_map)
+        steps = batch[0].settings.steps
+        if ctx.cache and cached_steps != steps:
+            cached_steps = enable_cache(getattr(pipe, family.denoiser), ctx.cache, steps, cached_steps)
         start, shape = time.perf_counter(), shape_of(batch, batch[0].settings)
         latents = denoise_batch(pipe, job, store, batch, n)
         if compiled and shape not in shapes:  # compiled (or its code loaded) as it ran: counted as loading
@@ -98,6 +105,26 @@ def denoise(job: DenoiseJob) -> StageResult:
         log.info("denoise: blocks compiled, code %s (key %s…); first batch of each shape: %s s",
                  result.compiled["from"], compiled[0].key[:12], result.compiled["first_batch_seconds"])  # fmt: skip
     return models.finish()
+
+
+def enable_cache(denoiser, spec: str, steps: int, enabled_for: int | None) -> int:
+    """diffusers' cache config `spec` ("first-block:0.05", "taylorseer", "magcache") on the denoiser, for `steps`
+    (MagCache interpolates its per-step ratios, FLUX.1-dev's, to the steps); returns `steps`."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    name, _, threshold = spec.partition(":")
+    if name == "first-block":
+        config = FirstBlockCacheConfig(threshold=float(threshold))
+    elif name == "taylorseer":
+        config = TaylorSeerCacheConfig()
+    else:
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+        config = MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps)
+    if enabled_for is not None:
+        denoiser.disable_cache()
+    denoiser.enable_cache(config)
+    return steps
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 from stagediff.family import family_for
 from stagediff.jobs import EncodeJob, ItemRef, StageContext, StageResult
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count
-from stagediff.stages.loading import load_pipeline
+from stagediff.stages.loading import load_pipeline, quantized_text_encoders
 from stagediff.stages.work import Loaded, batches, done, log, metadata
 
 # diffusers' balanced placement puts a component that fits on no accelerator on the CPU without a word.
@@ -27,7 +27,7 @@ def load_text_encoders(ctx: StageContext):
     kwargs = {}
     if accelerator_count():
         kwargs.update(device_map="balanced", max_memory=accelerate_max_memory(ctx.max_memory))
-    pipe = load_pipeline(ctx, family.text_components, **kwargs)
+    pipe = load_pipeline(ctx, family.text_components, **kwargs, **quantized_text_encoders(ctx))
     placement = {
         name: str(module.device)
         for name in family.text_components

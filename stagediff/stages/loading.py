@@ -41,6 +41,37 @@ def load_pipeline(ctx: StageContext, keep: tuple[str, ...], **kwargs: Any):
     return pipe
 
 
+def quantization_config(ctx: StageContext, library: str) -> Any:
+    """`ctx.quantize` as diffusers' (`library="diffusers"`) or transformers' quantization config: torchao's int8
+    dynamic (int8 weights and activations), int8 weight-only and float8 dynamic; bitsandbytes' nf4."""
+    import importlib
+
+    lib = importlib.import_module(library)
+    if ctx.quantize == "nf4":
+        return lib.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch_dtype(ctx.dtype))  # fmt: skip
+    import logging
+
+    # torchao warns at import about each of its CUDA kernel libraries that a CPU build of torch cannot load
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    from torchao import quantization as ao
+
+    configs = {"int8": ao.Int8DynamicActivationInt8WeightConfig, "int8-weight": ao.Int8WeightOnlyConfig,
+               "float8": ao.Float8DynamicActivationFloat8WeightConfig}  # fmt: skip
+    return lib.TorchAoConfig(configs[ctx.quantize]())
+
+
+def quantized_text_encoders(ctx: StageContext) -> dict[str, Any]:
+    """`from_pretrained` keywords quantizing the text encoders `ctx.quantized` names (none: no keywords)."""
+    encoders = [name for name in ctx.quantized if name != ctx.denoiser]
+    if not encoders:
+        return {}
+    from diffusers import PipelineQuantizationConfig
+
+    mapping = {name: quantization_config(ctx, "transformers") for name in encoders}
+    return {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)}
+
+
 def denoiser_class(model: str) -> type:
     """The denoiser's diffusers class, as model_index.json names it (checked against diffusers before a run)."""
     import diffusers
@@ -60,7 +91,9 @@ def empty_denoiser(model: str):
 
 def load_denoiser_model(ctx: StageContext, **kwargs: Any):
     """The denoiser alone, from safetensors in the run's dtype, variant and revision; `kwargs` go to
-    `from_pretrained` (`device_map`, `offload_folder`)."""
+    `from_pretrained` (`device_map`, `offload_folder`); quantized as it loads when `ctx.quantized` names it."""
+    if ctx.denoiser in ctx.quantized:
+        kwargs["quantization_config"] = quantization_config(ctx, "diffusers")
     return denoiser_class(ctx.model).from_pretrained(
         ctx.model,
         subfolder=family_for(ctx.model).denoiser,
