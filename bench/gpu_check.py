@@ -9,6 +9,9 @@
    own process (`torch.cuda.max_memory_allocated`; peak RSS on the CPU), and images per second of the three
    stage processes against plain diffusers in one process, alternating, medians.
 3. The stage forkserver never initialised CUDA.
+4. The speed levers together (float8 denoiser + `--compile` + first-block cache; dry run: compile and the
+   cache, no float8 on the CPU), after one run that compiles (not counted): images per second against plain
+   diffusers in bfloat16 and against the same recipe written by hand with diffusers.
 
 Needs torch, diffusers, transformers, accelerate, safetensors, pydantic and pytest (not Prefect):
 `bash bench/gpu_wheels.sh` downloads the wheels a bare machine lacks, for the device's Python.
@@ -23,14 +26,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import median, print_table, write_json
 
 PROMPTS = [f"a lighthouse number {i}, photo" for i in range(8)]
 
 
-def stages_once(model: str, work: Path, dtype: str, size: int, steps: int) -> tuple[float, dict[str, dict]]:
-    """encode -> denoise -> decode of PROMPTS, each stage in its own process; wall seconds and per-stage stats."""
+def stages_once(
+    model: str, work: Path, dtype: str, size: int, steps: int, **levers: Any
+) -> tuple[float, dict[str, dict]]:
+    """encode -> denoise -> decode of PROMPTS, each stage in its own process; wall seconds and per-stage stats.
+    `levers`: StageContext's speed levers (compile, cache, quantize and quantized)."""
     from stagediff.isolation import run_stage_process
     from stagediff.jobs import (
         DecodeItem,
@@ -43,7 +50,7 @@ def stages_once(model: str, work: Path, dtype: str, size: int, steps: int) -> tu
         StageContext,
     )
 
-    ctx = StageContext(model, str(work), str(work / "store"), dtype, batch_size=len(PROMPTS))
+    ctx = StageContext(model, str(work), str(work / "store"), dtype, batch_size=len(PROMPTS), **levers)
     settings = DenoiseSettings(steps=steps, guidance=3.5, height=size, width=size, max_sequence_length=128)
     n = range(len(PROMPTS))
     t0 = time.perf_counter()
@@ -66,7 +73,20 @@ from diffusers import DiffusionPipeline
 model, dtype, size, steps, n = sys.argv[1], getattr(torch, sys.argv[2]), *map(int, sys.argv[3:6])
 device = "cuda" if torch.cuda.is_available() else "cpu"
 t0 = time.perf_counter()
-pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True).to(device)
+recipe = sys.argv[6] if len(sys.argv) > 6 else ""
+kwargs = {}
+if "float8" in recipe:
+    import diffusers
+    from diffusers import PipelineQuantizationConfig
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+    config = {"transformer": diffusers.TorchAoConfig(Float8DynamicActivationFloat8WeightConfig())}
+    kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=config)
+pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True, **kwargs).to(device)
+if "first-block" in recipe:
+    from diffusers import FirstBlockCacheConfig
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.08))
+if "compile" in recipe:
+    pipe.transformer.compile_repeated_blocks(fullgraph="first-block" not in recipe)
 pipe.set_progress_bar_config(disable=True)
 prompts = [f"a lighthouse number {i}, photo" for i in range(n)]
 generators = [torch.Generator("cpu").manual_seed(i) for i in range(n)]
@@ -119,6 +139,25 @@ def main(argv: list[str] | None = None) -> dict:
     report["stage_peak_mb"] = {stage: max(values) for stage, values in peaks.items()}
     report["peak_kind"] = "cuda_max_memory_allocated" if not args.dry_run else "peak RSS (no CUDA)"
 
+    # 4. The levers together, stagediff and the same recipe by hand, each run once first (compiling)
+    recipe = "compile+first-block" + ("" if args.dry_run else "+float8")
+    levers: dict[str, Any] = {"compile": True, "cache": "first-block:0.08"}
+    if not args.dry_run:
+        levers.update(quantize="float8", quantized=("transformer",))
+    fast: dict[str, list[float]] = {"stagediff": [], "by hand": []}
+    with tempfile.TemporaryDirectory(prefix="stagediff-gpu-levers-") as tmp:
+        for r in range(args.repeats + 1):
+            seconds, _ = stages_once(model, Path(tmp) / f"s{r}", dtype, size, steps, **levers)
+            out = subprocess.run([sys.executable, "-c", DIFFUSERS, model, dtype, str(size), str(steps),
+                                  str(len(PROMPTS)), recipe], capture_output=True, text=True, check=True)  # fmt: skip
+            if r:  # the first run compiles: not counted
+                fast["stagediff"].append(round(seconds, 3))
+                fast["by hand"].append(round(float(out.stdout.strip().splitlines()[-1]), 3))
+    f, h = median(fast["stagediff"]), median(fast["by hand"])
+    report["levers"] = {"recipe": recipe, "images_per_second": round(len(PROMPTS) / f, 4),
+                        "vs_diffusers_bfloat16": round(d / f, 3), "vs_same_recipe_by_hand": round(h / f, 3),
+                        "runs": fast}  # fmt: skip
+
     # 3. The forkserver never initialised CUDA (a stage forked from it could not use the GPU otherwise)
     report["forkserver_cuda_initialised"] = run_isolated("torch.cuda:is_initialized", name="cuda")[0]
 
@@ -126,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(f"Stage peak memory (MB, {report['peak_kind']})", ["stage", "MB"], rows)
     print(f"\nimages/s: stagediff {report['images_per_second']['stagediff']}, diffusers "
           f"{report['images_per_second']['diffusers']} (ratio {report['images_per_second']['ratio']})")  # fmt: skip
+    print(f"levers ({recipe}): {report['levers']['images_per_second']} images/s, "
+          f"{report['levers']['vs_diffusers_bfloat16']}x plain diffusers, "
+          f"{report['levers']['vs_same_recipe_by_hand']}x the recipe by hand")  # fmt: skip
     print(f"gpu tests: {report['gpu_tests']['summary']}; forkserver CUDA initialised: "
           f"{report['forkserver_cuda_initialised']}")  # fmt: skip
     write_json(args.json, "gpu-dryrun" if args.dry_run else "gpu", report)

@@ -12,5 +12,5 @@ for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 man
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
   -d .whl diffusers==0.42.1 accelerate==1.15.0 pydantic pydantic-core annotated-types typing-inspection \
-  typing-extensions fsspec pytest pluggy iniconfig packaging
+  typing-extensions fsspec pytest pluggy iniconfig packaging torchao==0.18.0
 ls .whl

@@ -206,6 +206,9 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
                         "int8-weight, float8 (CUDA 8.9+) or nf4 (CUDA); approximate (own keys)")  # fmt: skip
     parser.add_argument("--quantize-components", help="comma-separated, e.g. transformer,text_encoder_2 (default: the "
                         "denoiser and the largest text encoder)")  # fmt: skip
+    parser.add_argument("--group-offload", help="block or leaf: the denoiser in CPU memory, each group moved to the "
+                        "GPU as it runs (a denoiser that does not fit; GPU only)")  # fmt: skip
+    parser.add_argument("--offload-stream", action="store_true", help="with --group-offload: overlap transfers")
     parser.add_argument(
         "--micro-batch-size",
         type=integer,
@@ -238,6 +241,10 @@ def placement_of(args: argparse.Namespace) -> dict:
         fields["compile"] = True
     if args.cache is not None:
         fields["cache"] = args.cache
+    if args.group_offload is not None:
+        fields["group_offload"] = args.group_offload
+    if args.offload_stream:
+        fields["offload_stream"] = True
     if args.quantize is not None:
         fields["quantize"] = args.quantize
     if args.quantize_components is not None:

@@ -533,6 +533,8 @@ def build_engine(
         quantize=placement.quantize,
         quantized=quantized_components(model, family_for(model), placement),
         denoiser=family_for(model).denoiser,
+        group_offload=placement.group_offload,
+        offload_stream=placement.offload_stream,
     )
     identity = model_identity(model, placement.variant)
     check_model_weights(model, placement.variant, digest(asdict(identity)))  # once per model version

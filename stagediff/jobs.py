@@ -42,6 +42,8 @@ class StageContext:
     quantize: str | None = None  # "int8", "int8-weight", "float8", "nf4": of the `quantized` components
     quantized: tuple[str, ...] = ()  # the components quantized as they load ("transformer", "text_encoder_2")
     denoiser: str = "transformer"  # the family's denoiser component ("unet" for SD 1.5 and SDXL)
+    group_offload: str | None = None  # "block" or "leaf": the denoiser in CPU memory, its groups onloaded to the GPU
+    offload_stream: bool = False  # group offload: overlap the next group's transfer with compute (CUDA streams)
 
     @property
     def levers(self) -> str:

@@ -289,6 +289,13 @@ class Placement(_Model):
         "and the largest text encoder.",
     )  # fmt: skip
 
+    group_offload: Literal["block", "leaf"] | None = Field(
+        default=None,
+        description="Keep the denoiser in CPU memory and move each block (or each leaf module) to the GPU as it runs "
+        "(diffusers' group offloading): for a denoiser that does not fit, instead of max_memory's CPU offload.",
+    )
+    offload_stream: bool = Field(default=False, description="With group_offload: overlap transfers (CUDA streams).")
+
     @field_validator("cache")
     @classmethod
     def _cache(cls, value: str | None) -> str | None:
@@ -311,7 +318,12 @@ class Placement(_Model):
     def _levers_where_they_run(self) -> Placement:
         if self.quantize_components is not None and self.quantize is None:
             raise RequestError("quantize_components", self.quantize_components, "needs quantize")
-        for name in ("compile", "cache", "quantize"):
+        if self.offload_stream and self.group_offload is None:
+            raise RequestError("offload_stream", True, "needs group_offload")
+        if self.group_offload and (self.max_memory or self.offload_dir):
+            allowed = "is a placement of its own: leave max_memory and offload_dir out"
+            raise RequestError("group_offload", self.group_offload, allowed)
+        for name in ("compile", "cache", "quantize", "group_offload"):
             if getattr(self, name) and self.pipeline_stages > 1:
                 allowed = "does not go with pipeline_stages > 1 yet: use one of them"
                 raise RequestError(name, getattr(self, name), allowed)
@@ -395,6 +407,9 @@ class GenerateRequest(_Model):
             self.settings.check_family(family, self.negative_prompts is not None)
             check_pipeline_stages(self.model, family, self.placement)
             check_quantize(self.model, family, self.placement)
+            if self.placement.group_offload and not visible_gpus():
+                allowed = "needs a GPU to move the denoiser's groups to as they run; this machine shows none"
+                raise RequestError("group_offload", self.placement.group_offload, allowed)
             if self.placement.cache and not family.block_cache:
                 allowed = f"needs a denoiser that takes diffusers' cache configs (Flux), not {family.pipeline_class}'s"
                 raise RequestError("cache", self.placement.cache, allowed)

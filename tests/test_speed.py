@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import read_items
 from tests.reference import read_image, reference_images
@@ -121,7 +122,10 @@ def test_block_caches_are_diffusers_with_the_same_config_by_hand_with_their_own_
         assert items[0]["keys"]["latents"] not in latents, name  # never the exact run's, nor another cache's
         latents.add(items[0]["keys"]["latents"])
         summary = json.loads((run / "manifest.json").read_text())
-        assert summary["request"]["placement"]["cache"] == ("first-block:1" if name == "first-block:1" else name)
+        assert summary["request"]["placement"]["cache"] == name
+        with Image.open(run / items[0]["image"]) as png:  # the PNG names the lever and the command that made it
+            made = json.loads(png.text["stagediff"])
+        assert made["levers"] == f"cache={name}" and f"--cache {name}" in made["command"]
     # the first-block cache at threshold 1 skips every step after the first: not the exact images
     cached = images(out / "first-block-1")
     assert any(np.abs(a.astype(int) - b.astype(int)).max() > 0 for a, b in zip(cached, exact, strict=True))
@@ -188,13 +192,17 @@ def test_quantized_components_are_diffusers_quantized_by_hand_with_their_own_key
     assert json.loads((out / "int8" / "manifest.json").read_text())["counts"]["computed_by_this_run"] == 0
 
 
-def test_a_quantization_this_machine_cannot_run_is_refused_in_one_line(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_lever_this_machine_cannot_run_is_refused_in_one_line(tiny_model: Path, tmp_path: Path) -> None:
     common = ["generate", "--prompt", "a", "--model", str(tiny_model), "--out", str(tmp_path / "out")]
     cases = {
         ("--quantize", "float8"): "invalid quantize='float8': needs a CUDA GPU of compute capability 8.9 or more",
         ("--quantize", "int4"): "invalid quantize='int4'",
         ("--quantize", "int8", "--quantize-components", "vae"): "invalid quantize_components=['vae']: must name",
         ("--quantize-components", "transformer"): "invalid quantize_components=['transformer']: needs quantize",
+        ("--group-offload", "block"): "invalid group_offload='block': needs a GPU to move the denoiser's groups to",
+        ("--group-offload", "blocks"): "invalid group_offload='blocks'",
+        ("--offload-stream",): "invalid offload_stream=True: needs group_offload",
+        ("--group-offload", "leaf", "--max-memory", "cpu=4GiB"): "invalid group_offload='leaf': is a placement of its",
     }
     if importlib.util.find_spec("bitsandbytes") is None:
         cases[("--quantize", "nf4")] = "invalid quantize='nf4': needs the bitsandbytes package"

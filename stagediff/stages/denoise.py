@@ -46,17 +46,28 @@ def load_denoiser(ctx: StageContext):
     """A pipeline holding only the scheduler and the denoiser (no text encoders, no VAE).
 
     With accelerators or an explicit `max_memory`, the denoiser is placed by accelerate
-    (`device_map="auto"`): over the accelerators first, then CPU, then the offload folder on disk.
+    (`device_map="auto"`): over the accelerators first, then CPU, then the offload folder on disk. With
+    `group_offload`, it stays in CPU memory and diffusers' group offloading moves each group (a block, or each
+    leaf module) to the GPU as it runs, with CUDA streams overlapping the next group's transfer if asked.
     """
     family = family_for(ctx.model)
     kwargs: dict = {}
-    if accelerator_count() or ctx.max_memory:
+    if (accelerator_count() or ctx.max_memory) and not ctx.group_offload:
         offload_dir = ctx.offload_dir or str(Path(ctx.work_dir) / "offload")
         kwargs.update(device_map=auto_device_map(ctx), offload_folder=offload_dir)
     denoiser = load_denoiser_model(ctx, **kwargs)
+    if ctx.group_offload:
+        block = ctx.group_offload == "block"
+        denoiser.enable_group_offload(
+            onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+            offload_type="block_level" if block else "leaf_level", num_blocks_per_group=1 if block else None,
+            use_stream=ctx.offload_stream,
+        )  # fmt: skip
     pipe = load_pipeline(ctx, (), **{family.denoiser: denoiser})
     # Without a VAE, diffusers assumes a scale factor of 8; take the real one from the VAE's config.
     pipe.vae_scale_factor = vae_scale_factor(ctx.model)
+    if ctx.group_offload:
+        return pipe, {"": f"cpu, {ctx.group_offload}s onloaded to cuda as they run"}
     return pipe, device_map_of(denoiser) or {"": str(denoiser.device)}
 
 
