@@ -23,13 +23,14 @@ demo: install  ## a real generation through Prefect on the embedded tiny model
 	$(VENV)/bin/stagediff generate --prompt "a dog" --prompt "a cat" --steps 2 --height 64 --width 64 \
 		--seed 7 --max-sequence-length 32 --batch-size 2 --out outputs --run-id demo
 
-SERVER_TESTS := tests/test_deployments.py tests/test_pool.py tests/test_slots.py
+SERVER_TESTS := tests/test_deployments.py tests/test_pool.py tests/test_slots.py tests/test_speed.py
 
 test: install  ## the CPU test suite (what CI runs)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	# Two pytest processes side by side: the deployment, pool and slot tests point their process' Prefect client
-	# at servers of their own and mostly wait on those servers, workers and flow runs. Their output follows.
+	# at servers of their own and mostly wait on those servers, workers and flow runs (the speed-lever tests,
+	# which compile, fill that wait). Their output follows.
 	@$(VENV)/bin/pytest -q --durations=10 -p no:cacheprovider $(SERVER_TESTS) > .server-tests.log 2>&1 & \
 	servers=$$!; \
 	$(VENV)/bin/pytest -q --durations=10 $(SERVER_TESTS:%=--ignore=%); rest=$$?; \

@@ -81,10 +81,10 @@ def batch(
         with refusals_are_final(), staging(blobs) as staged:
             count, sha256 = check_batch_file(prompts_file, seed, staged)
             source = commit(blobs, staged, sha256, file_format(prompts_file), count)
+        if options.strict:  # read only, before the record exists
+            engine.verify(item for _, item in rows(blobs, source, seed, request.settings, request.model))
         register_root(blobs, store_dir / "batch.json", engine, source,
                       batch={"seed": seed, "settings": request.settings.model_dump(mode="json")})  # fmt: skip
-        if options.strict:
-            engine.verify(item for _, item in rows(blobs, source, seed, request.settings, request.model))
         adopt_old_summary(store_dir, logger)
         flow_run_id = str(flow_run.id) if flow_run.id else None
         folder = RunFolder(store_dir, "batch", "batch.json",

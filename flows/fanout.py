@@ -283,7 +283,7 @@ def fanout(
             check_replica_deployment(pool)
         previous = open_run(request)
     if not pool:
-        warm_up(request.model)  # local replicas fork from it: torch and the model's classes imported once
+        warm_up(request.model, request.placement.compile)  # local replicas fork from it: imports done once
     label_flow_run(None if output.run_id else f"fanout {request.run_id}", model_tag(model))
 
     with heartbeats():

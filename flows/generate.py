@@ -79,9 +79,9 @@ def generate(
         )
         store = Store(store_location, storage_options)
         source = store_request(request, store)
+        if options.strict:  # read only, before the run's folder and record exist: a refusal leaves nothing
+            engine.verify(request_items(request, source, store))
         register_root(store, run_dir / "manifest.json", engine, source, request=request)
-        if options.strict:
-            engine.verify(request_items(request, source, store))  # before the run's record is touched
         adopt_old_manifest(run_dir, previous)
         folder = RunFolder(run_dir, "run", "manifest.json", run_summary_base(request, source, store_location, engine))
         folder.summary_base["flow_run_id"] = str(flow_run.id) if flow_run.id else None

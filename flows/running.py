@@ -54,7 +54,7 @@ def start_engine(
 ) -> Engine:
     """The engine of a flow run over `model` (`model_arg`: what the user named, None for the default model);
     `name`: a new name for the flow run (when its first one could not know its run id)."""
-    warm_up(model)  # the stage forkserver imports torch and the model's classes while the run is planned
+    warm_up(model, placement.compile)  # the stage forkserver imports torch and the model's classes meanwhile
     label_flow_run(name, model_tag(model_arg))
     with refusals_are_final():  # a model whose weights do not fit its config is bad input, never retried
         return build_engine(

@@ -373,7 +373,7 @@ def run_flow(
     from stagediff.prefect_api import choose_api
 
     choose_api()  # an unreachable configured server is one line, before anything starts
-    warm_up(request.model)  # the stage forkserver imports torch while Prefect starts
+    warm_up(request.model, request.placement.compile)  # the stage forkserver imports torch while Prefect starts
     from stagediff.flows.generate import generate
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output
@@ -436,7 +436,7 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
 
     choose_api()
     if args.pool is None:
-        warm_up(request.model)  # the local replicas fork from it: its imports run while Prefect starts
+        warm_up(request.model, request.placement.compile)  # local replicas fork from it, importing as Prefect starts
     from stagediff.flows.fanout import fanout
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output

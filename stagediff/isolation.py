@@ -73,8 +73,9 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def warm_up(model: str | None = None) -> None:
-    """Start the forkserver now: it imports the heavy libraries, and the classes `model` names, in the background.
+def warm_up(model: str | None = None, compile: bool = False) -> None:
+    """Start the forkserver now: it imports the heavy libraries, and the classes `model` names, in the background
+    (and torch's compiler, seconds of imports, for a `--compile` run).
 
     A no-op when it is already running (it preloads what the first caller named).
     """
@@ -83,16 +84,20 @@ def warm_up(model: str | None = None) -> None:
     _context()
     from multiprocessing import forkserver
 
-    before = os.environ.get("STAGEDIFF_PRELOAD_MODEL")
+    names = ("STAGEDIFF_PRELOAD_MODEL", "STAGEDIFF_PRELOAD_COMPILER")
+    before = {name: os.environ.get(name) for name in names}
     if model:
         os.environ["STAGEDIFF_PRELOAD_MODEL"] = str(model)  # read by stagediff.preload in the new forkserver
+    if compile:
+        os.environ["STAGEDIFF_PRELOAD_COMPILER"] = "1"
     try:
         forkserver.ensure_running()
     finally:
-        if before is None:
-            os.environ.pop("STAGEDIFF_PRELOAD_MODEL", None)
-        else:
-            os.environ["STAGEDIFF_PRELOAD_MODEL"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def stop_warm_up() -> None:

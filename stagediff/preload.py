@@ -79,6 +79,10 @@ def warm_loading() -> None:
 def prepare_forkserver() -> None:
     """Everything the stage forkserver does before it forks its first stage (see stagediff/forkserver.py)."""
     preload(os.environ.get("STAGEDIFF_PRELOAD_MODEL"))
+    if os.environ.get("STAGEDIFF_PRELOAD_COMPILER"):
+        with contextlib.suppress(Exception):  # what fails here is imported again in the stage, failing there
+            import torch._inductor.codecache
+            import torch._inductor.compile_fx  # noqa: F401
     warm_loading()
     # Move every object imported so far out of the collector's reach (Python's advice before fork()):
     # a stage's collections no longer walk, or copy-on-write, the objects torch and diffusers import.

@@ -298,8 +298,8 @@ def test_a_run_that_registers_is_never_forgotten_before_its_folder_exists(tiny_m
     store = Store(str(tmp_path / "store"))
     request = validate_request(prompts=["a dog", "a cat"], run_id="r", seed=3, out=str(tmp_path / "out"),
                                model=str(tiny_model), steps=1, height=64, width=64)  # fmt: skip
-    engine = SimpleNamespace(ctx=SimpleNamespace(model=request.model, variant=None, dtype="float32", levers=""),
-                             tiled_decode=False, sliced_decode=False, metadata=True)  # fmt: skip
+    ctx = SimpleNamespace(model=request.model, variant=None, dtype="float32", levers="", encode_levers="")
+    engine = SimpleNamespace(ctx=ctx, tiled_decode=False, sliced_decode=False, metadata=True)
     source = store_inline(store, request.prompts)
     register_root(store, request.run_dir / "manifest.json", engine, source, request=request)
     assert (request.run_dir / "record.db").exists()  # before the registration: gc sees the run at once
