@@ -69,6 +69,11 @@ assert BY_HAND.count("lever") > 1 and "sys.argv[8:]" not in BY_HAND
 COMPILED = re.compile(r"code (\w+) \(key \w+…\); first batch of each shape: \[([0-9., ]*)\] s")
 
 
+def folder(lever: str) -> str:
+    """A lever as a run id and folder name ("int8+compile" -> "int8_compile")."""
+    return lever.replace("+", "_")
+
+
 def run(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     """Wall seconds and output of a command, which must succeed."""
     t0 = time.perf_counter()
@@ -108,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-sequence-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--compile-times", action=argparse.BooleanOptionalAction, default=True,
+                        help="the compile time of a first run, a second run and 2 replicas")  # fmt: skip
     parser.add_argument("--json")
     parser.add_argument("--api-url")
     args = parser.parse_args(argv)
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 1. --compile: the first run compiles; then, this machine's folder removed, a second run and 2 replicas
         #    take the code from the store
-        if "compile" in args.levers:
+        if "compile" in args.levers and args.compile_times:
             _, out = stagediff("compile-first", ["--compile"], "compile-store")
             compiled["first run"] = compile_seconds(out)
             for name, extra in (("second run", []), ("2 replicas", ["--replicas", "2"])):
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                 compiled[name] = compile_seconds(out)
         # 2. Every compiled way run once, not counted (its code then in its store and on this machine)
         for lever in (lever for lever in args.levers if "compile" in lever):
-            stagediff(f"warm-{lever}", LEVERS[lever], f"store-{lever}", seed=99)
+            stagediff(f"warm-{folder(lever)}", LEVERS[lever], f"store-{folder(lever)}", seed=99)
             diffusers(lever, root / f"warm-{lever}")
         # 3. Side by side, fresh commands; each stagediff run on a fresh store (its compiled code copied in)
         for r in range(args.repeats):
@@ -154,14 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
             times.setdefault("stagediff exact", []).append(stagediff(f"exact-{r}", [], f"exact-{r}")[0])
             for lever in args.levers:
                 times.setdefault(f"diffusers {lever}", []).append(diffusers(lever, root / f"d-{lever}-{r}"))
-                store = root / f"store-{lever}-{r}"
-                if (root / f"store-{lever}" / "objects" / "compiled").exists():
-                    shutil.copytree(root / f"store-{lever}" / "objects" / "compiled", store / "objects" / "compiled")
-                seconds, _ = stagediff(f"{lever}-{r}", LEVERS[lever], store.name)
+                store = root / f"store-{folder(lever)}-{r}"
+                warm = root / f"store-{folder(lever)}" / "objects" / "compiled"
+                if warm.exists():
+                    shutil.copytree(warm, store / "objects" / "compiled")
+                seconds, _ = stagediff(f"{folder(lever)}-{r}", LEVERS[lever], store.name)
                 times.setdefault(f"stagediff {lever}", []).append(seconds)
         exact = root / "s" / "exact-0" / "images"
         for lever in args.levers:
-            qualities[lever] = {"stagediff": quality(root / "s" / f"{lever}-0" / "images", exact),
+            qualities[lever] = {"stagediff": quality(root / "s" / f"{folder(lever)}-0" / "images", exact),
                                 "diffusers by hand": quality(root / f"d-{lever}-0", root / "d-plain-0")}  # fmt: skip
 
     med = {way: median(values) for way, values in times.items()}

@@ -84,6 +84,7 @@ class CompileCache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)  # read by inductor as it compiles
         os.environ["TRITON_CACHE_DIR"] = str(self.folder / "triton")
         self.first_batches: list[float] = []
+        self.later_batches: list[float] = []  # batches of shapes already compiled: what a batch costs
 
     def _fetch(self) -> bool:
         """Unpack the store's copy into the machine's folder (whole, or not at all); False when it has none."""
@@ -106,13 +107,16 @@ class CompileCache:
             shutil.rmtree(staging, ignore_errors=True)
         return True
 
-    def timed(self, seconds: float) -> None:
-        """A batch through a shape compiled (or loaded) for the first time in this process."""
-        self.first_batches.append(round(seconds, 3))
+    def timed(self, seconds: float, first: bool) -> None:
+        """A batch's seconds; `first`: through a shape compiled (or loaded) for the first time in this process."""
+        (self.first_batches if first else self.later_batches).append(round(seconds, 3))
 
     def finish(self) -> dict[str, Any]:
         """Give the store this machine's folder when it lacks it (one writer: the store's claim)."""
         self.info["first_batch_seconds"] = self.first_batches
+        if self.later_batches:  # compiling (or loading the code) = a first batch less a batch of the same work
+            batch = sorted(self.later_batches)[len(self.later_batches) // 2]
+            self.info["compile_seconds"] = round(max(0.0, sum(self.first_batches) - len(self.first_batches) * batch), 3)
         if self.info["from"] != "store" and not self.store.usable("compiled", self.key):
             claim = self.store.claim("compiled", self.key, wait=False)
             if claim is not None:

@@ -108,13 +108,16 @@ def denoise(job: DenoiseJob) -> StageResult:
         latents = denoise_batch(pipe, job, store, batch, n)
         if compiled and shape not in shapes:  # compiled (or its code loaded) as it ran: counted as loading
             shapes.add(shape)
-            compiled[0].timed(time.perf_counter() - start)
+            compiled[0].timed(time.perf_counter() - start, first=True)
             result.load_seconds += time.perf_counter() - start
+        elif compiled and len(batch) == ctx.batch_size:
+            compiled[0].timed(time.perf_counter() - start, first=False)
         store_latents(job, store, result, batch, latents)
     if compiled:
         result.compiled = compiled[0].finish()
-        log.info("denoise: blocks compiled, code %s (key %s…); first batch of each shape: %s s",
-                 result.compiled["from"], compiled[0].key[:12], result.compiled["first_batch_seconds"])  # fmt: skip
+        log.info("denoise: blocks compiled, code %s (key %s…); first batch of each shape: %s s; compiling: %s s",
+                 result.compiled["from"], compiled[0].key[:12], result.compiled["first_batch_seconds"],
+                 result.compiled.get("compile_seconds", "?"))  # fmt: skip
     return models.finish()
 
 
