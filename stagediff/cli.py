@@ -234,23 +234,12 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def placement_of(args: argparse.Namespace) -> dict:
-    names = ("batch_size", "dtype", "max_memory", "offload_dir", "tiled_decode", "sliced_decode", "variant", "revision")
-    fields = {name: getattr(args, name) for name in names}
-    fields["pipeline_stages"] = args.pipeline_stages
-    if args.compile:
-        fields["compile"] = True
-    if args.cache is not None:
-        fields["cache"] = args.cache
-    if args.group_offload is not None:
-        fields["group_offload"] = args.group_offload
-    if args.offload_stream:
-        fields["offload_stream"] = True
-    if args.quantize is not None:
-        fields["quantize"] = args.quantize
-    if args.quantize_components is not None:
-        fields["quantize_components"] = [name.strip() for name in args.quantize_components.split(",")]
-    if args.pipeline_split is not None:
-        fields["pipeline_split"] = [name.strip() for name in args.pipeline_split.split(",")]
+    names = ("batch_size", "dtype", "max_memory", "offload_dir", "tiled_decode", "sliced_decode", "variant", "revision",
+             "pipeline_stages", "compile", "cache", "group_offload", "offload_stream", "quantize")  # fmt: skip
+    fields = {name: getattr(args, name) for name in names}  # flags left out carry Placement's defaults
+    for name in ("quantize_components", "pipeline_split"):  # comma-separated on the command line
+        if getattr(args, name) is not None:
+            fields[name] = [part.strip() for part in getattr(args, name).split(",")]
     if args.micro_batch_size is not None:
         fields["micro_batch_size"] = args.micro_batch_size
     return fields
