@@ -8,12 +8,11 @@ import atexit
 import os
 import sys
 
-# OpenMP threads that wait for work sleep instead of spinning (read once, when torch loads OpenMP). A CPU
-# replica runs more threads than its share of the cores (see stagediff/replica.py), and there a spinning
-# thread holds the core its siblings need: the tiny model ran ~100x slower. Set it to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from stagediff.isolation import set_wait_policy
 
-from stagediff.preload import prepare_forkserver  # imports torch: after the line above
+set_wait_policy()  # before torch loads OpenMP, which reads it once
+
+from stagediff.preload import prepare_forkserver  # noqa: E402 (imports torch: after the line above)
 
 prepare_forkserver()
 

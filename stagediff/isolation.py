@@ -57,6 +57,24 @@ class ProcessStats:
         return asdict(self)
 
 
+def set_wait_policy() -> None:
+    """OpenMP's wait policy for this process' stages; call it before torch loads OpenMP (read once, then).
+
+    By default threads that wait for work spin, as in plain diffusers: the fastest while each thread has a core
+    (inductor's compiled code, with its many short parallel regions, ran 1.6x slower with sleeping threads).
+    A process that runs more threads than the cores it is pinned to (a CPU replica at a plain run's thread
+    count) makes them sleep instead: there a spinning thread holds the core its siblings need (the tiny model
+    ran ~100x slower). An OMP_WAIT_POLICY of the user's wins."""
+    if not hasattr(os, "sched_getaffinity"):
+        return
+    cores = len(os.sched_getaffinity(0))
+    threads = os.environ.get("STAGEDIFF_TORCH_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    # unset: torch's default, at most the machine's CPUs, which a pinned process has fewer of
+    oversubscribed = int(threads) > cores if threads and threads.isdigit() else cores < (os.cpu_count() or 1)
+    if oversubscribed:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def start_method() -> str:
     method = os.environ.get("STAGEDIFF_START_METHOD", "forkserver")
     if method not in START_METHODS:
@@ -254,7 +272,7 @@ def _child_main(
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(conn, lock)]
     root.setLevel(logging.INFO)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the forkserver does, for a spawned stage
+    set_wait_policy()  # as the forkserver does, for a spawned stage
     started = time.time()
     try:
         fn = _resolve(target)  # imports the stage's module: free after a forkserver preload

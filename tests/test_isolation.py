@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stagediff.isolation import StageError, find_stage_process, run_isolated
+from stagediff.isolation import StageError, find_stage_process, run_isolated, set_wait_policy
 
 
 def test_result_stats_and_a_fresh_process() -> None:
@@ -25,6 +25,31 @@ def test_result_stats_and_a_fresh_process() -> None:
 def test_the_forkserver_never_initialises_cuda() -> None:
     initialised, _ = run_isolated("torch.cuda:is_initialized", name="cuda")
     assert initialised is False
+
+
+def test_stage_threads_spin_unless_they_outnumber_their_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    # real stage processes: a fresh forkserver decides before torch loads OpenMP
+    script = (
+        "from stagediff.isolation import run_isolated as run\nprint(run('os:getenv', 'OMP_WAIT_POLICY', name='e')[0])"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    more = str(len(os.sched_getaffinity(0)) + 1)
+    seen = []
+    for env in (clean, {**clean, "STAGEDIFF_TORCH_THREADS": more}, {**clean, "OMP_NUM_THREADS": "1"}):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        seen.append(proc.stdout.split()[-1])
+    assert seen == ["None", "PASSIVE", "None"]
+    # a process pinned to a share of the cores at torch's default thread count; the user's choice wins
+    for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "STAGEDIFF_TORCH_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    set_wait_policy()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    set_wait_policy()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_errors_and_deaths_become_stage_errors() -> None:
