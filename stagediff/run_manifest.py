@@ -26,6 +26,7 @@ from stagediff.jobs import KIND_OF_STAGE
 from stagediff.record import FIRST_ITEMS, FORMAT, SUFFIX, Record, is_old_format, item_row, read_summary, write_summary
 from stagediff.request import GenerateRequest, RequestError, check_writable
 
+READ_AHEAD = 1024  # rows of the record a rerun reads at once to find the items done before
 SUMMARY_SECONDS = 2.0  # the summary is rewritten at most this often while a stage is under way (and at its end)
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class RunFolder:
         self.last_summary = 0.0
         self.extra: dict[str, Any] = {}
         self.total: int | None = None  # items the run's request holds
+        # rows of the record read ahead for `known`: (first index, end index, id -> row)
+        self.ahead: tuple[int, int, dict[str, tuple]] = (0, 0, {})
 
     # 1. A run
 
@@ -86,10 +89,14 @@ class RunFolder:
         """Whether the record holds the item done under these keys and its image in the folder is that one
         (its sha256 checked): then it needs no store read at all."""
         item_id = self.item_id(item.index)[0]
-        done = self.record.done_image(item_id, keys["images"])
-        if done is None:
+        if not self.ahead[0] <= item.index < self.ahead[1]:  # the record's next rows in request order, at once
+            self.ahead = (item.index, item.index + READ_AHEAD, self.record.image_rows(item.index, READ_AHEAD))
+        row = self.ahead[2].pop(item_id, None)
+        if row is None:  # not at its place of last time (or new): looked up alone
+            row = self.record.image_row(item_id)
+        if row is None or row[0] != keys["images"] or not row[1] or row[2] not in ("done", "removed"):
             return False
-        sha, checked = done
+        sha, checked = row[1], row[3]
         path = self.folder / "images" / f"{item_id}.png"
         stat = file_stat(path)
         if stat is None or stat != checked:  # new, or changed since its sha256 was checked: check it again

@@ -105,6 +105,27 @@ def test_the_record_of_a_chunk_costs_the_same_at_item_1000_and_at_item_200000(tm
     assert record.progress()["images_so_far"] > 200_000
 
 
+@pytest.mark.parametrize("layout", ["run", "batch"])
+def test_items_jsonl_is_every_items_entry_in_request_order(tmp_path: Path, layout: str) -> None:
+    record = Record(tmp_path / "record.db", layout)
+    record.start_run({"status": "running"})
+    odd = "quote \" backslash \\ newline \n tab \t \u2028 \u2029 \x85 \x1c \x01 é 猫 🐱"
+    rows = [item_row(FakeItem(i, f"{odd} {i}", None if i % 2 else "blurry", i * 7, FakeSettings()),
+                     {kind: f"{kind[0]}{i:063d}" for kind in ("embeddings", "latents", "images")}, f"id-{i}",
+                     None if layout == "run" else i + 1) for i in (3, 1, 2, 0)]  # fmt: skip
+    record.listed(rows)
+    record.stored("embeddings", {"id-0": ("e" * 64, "computed"), "id-1": ("f" * 64, "reused")})
+    record.stored("images", {"id-0": ("a" * 64, "computed")}, {"id-0": "1:2:3:4"})
+    record.finish("completed" if layout == "batch" else "failed", None)
+    path = record.export(tmp_path / "items.jsonl")
+    exported = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert exported == list(record.items())  # what the summary's first items show, member for member
+    assert [list(entry) for entry in exported] == [list(entry) for entry in record.items()]  # in the same order
+    assert [entry["index"] for entry in exported] == [0, 1, 2, 3] and exported[0]["prompt"] == f"{odd} 0"
+    assert ("line" in exported[0]) == (layout == "batch") and ("embeddings" in exported[0]) == (layout == "run")
+    assert "embeddings" not in exported[2]
+
+
 def test_a_200000_line_file_with_a_bad_line_near_its_end_is_refused_naming_it_before_any_stage(
     tmp_path: Path,
 ) -> None:
