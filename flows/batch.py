@@ -25,7 +25,7 @@ from stagediff.flows.running import ended_status, heartbeats, refusals_are_final
 from stagediff.flows.ui import run_artifacts
 from stagediff.progress import Progress
 from stagediff.record import is_old_format, read_summary
-from stagediff.replica import plan_replicas
+from stagediff.replica import cpu_replicas, plan_replicas
 from stagediff.request import ImageSettings, Placement, RunOptions, check_store, validate_request
 from stagediff.run_manifest import RunFolder
 from stagediff.sources import Source, commit, open_source, staging
@@ -76,7 +76,8 @@ def batch(
     #    the same folder waits for the first, then does what is left
     with store_lock(store_dir, logger), heartbeats():
         artifact_store = check_store(None, str(store_dir))
-        engine = start_engine(request.model, model, request.placement, artifact_store, str(store_dir), options)
+        engine = start_engine(request.model, model, request.placement, artifact_store, str(store_dir), options,
+                              cpu_replicas=cpu_replicas(groups))  # fmt: skip
         blobs = Store(artifact_store)
         with refusals_are_final(), staging(blobs) as staged:
             count, sha256 = check_batch_file(prompts_file, seed, staged)

@@ -38,7 +38,7 @@ from stagediff.flows.running import (
 from stagediff.flows.ui import label_flow_run, model_tag, run_artifacts
 from stagediff.isolation import StageError, kill_isolated, run_isolated, warm_up
 from stagediff.progress import Progress
-from stagediff.replica import ReplicaJob, plan_replicas, split
+from stagediff.replica import ReplicaJob, cpu_replicas, plan_replicas, split
 from stagediff.request import (
     ImageSettings,
     Output,
@@ -283,7 +283,7 @@ def fanout(
             check_replica_deployment(pool)
         previous = open_run(request)
     if not pool:
-        warm_up(request.model, request.placement.compile)  # local replicas fork from it: imports done once
+        warm_up(request.model, request.placement.compile, cpu_replicas(groups))  # replicas fork from it: imports once
     label_flow_run(None if output.run_id else f"fanout {request.run_id}", model_tag(model))
 
     with heartbeats():

@@ -51,10 +51,13 @@ def start_engine(
     options: RunOptions,
     name: str | None = None,
     store_options: dict[str, Any] | None = None,
+    cpu_replicas: bool = False,
 ) -> Engine:
     """The engine of a flow run over `model` (`model_arg`: what the user named, None for the default model);
-    `name`: a new name for the flow run (when its first one could not know its run id)."""
-    warm_up(model, placement.compile)  # the stage forkserver imports torch and the model's classes meanwhile
+    `name`: a new name for the flow run (when its first one could not know its run id); `cpu_replicas`: local
+    CPU replicas will fork from the stage forkserver (`isolation.warm_up`)."""
+    # the stage forkserver imports torch and the model's classes meanwhile
+    warm_up(model, placement.compile, cpu_replicas)
     label_flow_run(name, model_tag(model_arg))
     with refusals_are_final():  # a model whose weights do not fit its config is bad input, never retried
         return build_engine(

@@ -411,7 +411,7 @@ def prompts_of(request: GenerateRequest) -> Prompts:
 
 def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunOptions) -> int:
     """The fan-out flow for a checked request: every fan-out option is checked first, nothing written."""
-    from stagediff.replica import plan_replicas
+    from stagediff.replica import cpu_replicas, plan_replicas
     from stagediff.run_manifest import open_run
 
     groups = plan_replicas(args.replicas, args.device_groups, args.pool, args.store, args.threads)
@@ -425,7 +425,8 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
 
     choose_api()
     if args.pool is None:
-        warm_up(request.model, request.placement.compile)  # local replicas fork from it, importing as Prefect starts
+        # local replicas fork from it, importing as Prefect starts
+        warm_up(request.model, request.placement.compile, cpu_replicas(groups))
     from stagediff.flows.fanout import fanout
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output

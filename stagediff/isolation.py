@@ -64,15 +64,21 @@ def set_wait_policy() -> None:
     (inductor's compiled code, with its many short parallel regions, ran 1.6x slower with sleeping threads).
     A process that runs more threads than the cores it is pinned to (a CPU replica at a plain run's thread
     count) makes them sleep instead: there a spinning thread holds the core its siblings need (the tiny model
-    ran ~100x slower). An OMP_WAIT_POLICY of the user's wins."""
+    ran ~100x slower). So does a forkserver that local CPU replicas will be forked from (`warm_up`'s
+    `cpu_replicas`). An OMP_WAIT_POLICY of the user's wins."""
+    if oversubscribed() or os.environ.get("STAGEDIFF_CPU_REPLICAS"):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def oversubscribed() -> bool:
+    """Whether this process runs more torch threads than the cores it is pinned to."""
     if not hasattr(os, "sched_getaffinity"):
-        return
+        return False
     cores = len(os.sched_getaffinity(0))
     threads = os.environ.get("STAGEDIFF_TORCH_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    # unset: torch's default, at most the machine's CPUs, which a pinned process has fewer of
-    oversubscribed = int(threads) > cores if threads and threads.isdigit() else cores < (os.cpu_count() or 1)
-    if oversubscribed:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads and threads.isdigit():
+        return int(threads) > cores
+    return cores < (os.cpu_count() or 1)  # torch's default: at most the machine's CPUs, a pinned process has fewer
 
 
 def start_method() -> str:
@@ -91,9 +97,10 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def warm_up(model: str | None = None, compile: bool = False) -> None:
+def warm_up(model: str | None = None, compile: bool = False, cpu_replicas: bool = False) -> None:
     """Start the forkserver now: it imports the heavy libraries, and the classes `model` names, in the background
-    (and torch's compiler, seconds of imports, for a `--compile` run).
+    (and torch's compiler, seconds of imports, for a `--compile` run); `cpu_replicas`: local replicas pinned to
+    shares of the cores will be forked from it (see `set_wait_policy`).
 
     A no-op when it is already running (it preloads what the first caller named).
     """
@@ -102,12 +109,14 @@ def warm_up(model: str | None = None, compile: bool = False) -> None:
     _context()
     from multiprocessing import forkserver
 
-    names = ("STAGEDIFF_PRELOAD_MODEL", "STAGEDIFF_PRELOAD_COMPILER")
+    names = ("STAGEDIFF_PRELOAD_MODEL", "STAGEDIFF_PRELOAD_COMPILER", "STAGEDIFF_CPU_REPLICAS")
     before = {name: os.environ.get(name) for name in names}
     if model:
         os.environ["STAGEDIFF_PRELOAD_MODEL"] = str(model)  # read by stagediff.preload in the new forkserver
     if compile:
         os.environ["STAGEDIFF_PRELOAD_COMPILER"] = "1"
+    if cpu_replicas:
+        os.environ["STAGEDIFF_CPU_REPLICAS"] = "1"  # read by stagediff.forkserver
     try:
         forkserver.ensure_running()
     finally:

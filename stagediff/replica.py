@@ -263,6 +263,17 @@ def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None
 
 def run_local_replica(job: ReplicaJob) -> dict[str, Any]:
     """A local replica, in a process forked from the stage forkserver: its own stage processes fork from it
-    in turn (everything is imported already, and no accelerator was ever touched)."""
-    os.environ["STAGEDIFF_START_METHOD"] = "fork"
+    in turn (everything is imported already, and no accelerator was ever touched). Unless its threads outnumber
+    its cores and the forkserver made them spin (it did not know of CPU replicas): then they come from a
+    forkserver of the replica's own, which makes them sleep (see `isolation.set_wait_policy`)."""
+    from stagediff.isolation import oversubscribed
+
+    apply_devices(job)
+    spinning = "OMP_WAIT_POLICY" not in os.environ  # as the forkserver set it (or the user did)
+    os.environ["STAGEDIFF_START_METHOD"] = "forkserver" if spinning and oversubscribed() else "fork"
     return run_replica(job)
+
+
+def cpu_replicas(groups: list[dict[str, Any]] | None) -> bool:
+    """Whether `plan_replicas`' replicas include local CPU ones whose threads outnumber their cores."""
+    return any(g["cpus"] is not None and (g["threads"] or os.cpu_count() or 1) > len(g["cpus"]) for g in groups or [])

@@ -107,6 +107,9 @@ def test_two_replicas_over_five_prompts_equal_one_replica_in_order(
     if seen == "torch_threads":  # no GPU: its share of the cores, with the thread count of a plain run
         assert [r["seen"]["cpus"] for r in replicas] == [cpu_list(share) for share in cpu_shares(2)]
         assert [r["seen"]["torch_threads"] for r in replicas] == [default_torch_threads()] * 2
+        # more threads than cores: they sleep while they wait, instead of spinning on the core a sibling needs
+        policy = ["PASSIVE" if default_torch_threads() > len(share) else None for share in cpu_shares(2)]
+        assert [r["seen"]["OMP_WAIT_POLICY"] for r in replicas] == policy
     else:
         assert [r["seen"]["CUDA_VISIBLE_DEVICES"] for r in replicas] == ["0", "1"]
 

@@ -29,17 +29,20 @@ def test_the_forkserver_never_initialises_cuda() -> None:
 
 def test_stage_threads_spin_unless_they_outnumber_their_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     # real stage processes: a fresh forkserver decides before torch loads OpenMP
-    script = (
-        "from stagediff.isolation import run_isolated as run\nprint(run('os:getenv', 'OMP_WAIT_POLICY', name='e')[0])"
-    )
+    # (and one started for local CPU replicas, which fork from it)
+    script = ("import sys\nfrom stagediff.isolation import run_isolated, warm_up\n"
+              "warm_up(cpu_replicas=sys.argv[1] == 'r')\n"
+              "print(run_isolated('os:getenv', 'OMP_WAIT_POLICY', name='e')[0])")  # fmt: skip
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     more = str(len(os.sched_getaffinity(0)) + 1)
     seen = []
-    for env in (clean, {**clean, "STAGEDIFF_TORCH_THREADS": more}, {**clean, "OMP_NUM_THREADS": "1"}):
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    for env, replicas in ((clean, "-"), ({**clean, "STAGEDIFF_TORCH_THREADS": more}, "-"),
+                          ({**clean, "OMP_NUM_THREADS": "1"}, "-"), (clean, "r")):  # fmt: skip
+        command = [sys.executable, "-c", script, replicas]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
         seen.append(proc.stdout.split()[-1])
-    assert seen == ["None", "PASSIVE", "None"]
+    assert seen == ["None", "PASSIVE", "None", "PASSIVE"]
     # a process pinned to a share of the cores at torch's default thread count; the user's choice wins
     for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "STAGEDIFF_TORCH_THREADS"):
         monkeypatch.delenv(name, raising=False)

@@ -109,7 +109,7 @@ def test_the_record_of_a_chunk_costs_the_same_at_item_1000_and_at_item_200000(tm
 def test_items_jsonl_is_every_items_entry_in_request_order(tmp_path: Path, layout: str) -> None:
     record = Record(tmp_path / "record.db", layout)
     record.start_run({"status": "running"})
-    odd = "quote \" backslash \\ newline \n tab \t \u2028 \u2029 \x85 \x1c \x01 é 猫 🐱"
+    odd = 'quote " backslash \\ newline \n tab \t \u2028 \u2029 \x85 \x1c \x01 é 猫 🐱'
     rows = [item_row(FakeItem(i, f"{odd} {i}", None if i % 2 else "blurry", i * 7, FakeSettings()),
                      {kind: f"{kind[0]}{i:063d}" for kind in ("embeddings", "latents", "images")}, f"id-{i}",
                      None if layout == "run" else i + 1) for i in (3, 1, 2, 0)]  # fmt: skip

@@ -97,6 +97,7 @@ class Loaded:
         result.environment = {
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "torch_threads": torch.get_num_threads(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),  # threads that wait sleep (PASSIVE) or spin
             "cpus": cpu_list(),
         }
 
