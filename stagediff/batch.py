@@ -37,7 +37,7 @@ from stagediff.request import (
     one_line,
     validate_request,
 )
-from stagediff.sources import open_file, text_lines
+from stagediff.sources import open_file, skip_items, text_lines
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance", "height", "width")
 SETTINGS = ("steps", "guidance", "height", "width")  # ImageSettings fields a row may set for itself
@@ -114,14 +114,15 @@ def file_format(path: str | Path) -> str:
     return suffix[1:]
 
 
-def iter_rows(stream: IO[bytes], fmt: str, path: str | Path) -> Iterator[Row]:
-    """The rows of a prompts file (a binary stream), in order, one at a time."""
+def iter_rows(stream: IO[bytes], fmt: str, path: str | Path, first: int = 1) -> Iterator[Row]:
+    """The rows of a prompts file (a binary stream), in order, one at a time (`first`: the number of the stream's
+    next line, for txt and jsonl)."""
     if fmt == "txt":
-        for n, text in text_lines(stream, "prompts_file", path):
+        for n, text in text_lines(stream, "prompts_file", path, first):
             if text.strip():
                 yield n, {"prompt": text.strip()}
     elif fmt == "jsonl":
-        for n, text in text_lines(stream, "prompts_file", path):
+        for n, text in text_lines(stream, "prompts_file", path, first):
             if not text.strip():
                 continue
             try:
@@ -251,9 +252,16 @@ def check_row(position: int, line: int, fields: dict[str, Any], seed: int) -> Ba
                      given.get("negative_prompt"), given.get("seed", seed + position), **settings)  # fmt: skip
 
 
-def iter_items(stream: IO[bytes], fmt: str, seed: int, path: str | Path = "prompts") -> Iterator[BatchItem]:
-    """The items of a checked file (a stored snapshot), one at a time; ValueError at a bad row."""
-    for position, (line, row) in enumerate(iter_rows(stream, fmt, path)):
+def iter_items(
+    stream: IO[bytes], fmt: str, seed: int, path: str | Path = "prompts", start: int = 0
+) -> Iterator[BatchItem]:
+    """The items of a checked file (a stored snapshot) from item `start` on, one at a time; ValueError at a bad
+    row. The rows before `start` are read past unchecked where items are lines (txt, jsonl)."""
+    lines = 0 if fmt == "csv" else skip_items(stream, fmt, start)  # type: ignore[arg-type]
+    rows = enumerate(iter_rows(stream, fmt, path, lines + 1), 0 if fmt == "csv" else start)
+    for position, (line, row) in rows:
+        if position < start:  # csv: a row may span lines, each is read
+            continue
         if isinstance(row, LineProblem):
             raise ValueError(f"prompts snapshot {path}: {row}")
         item = check_row(position, line, row, seed)
@@ -384,17 +392,23 @@ def store_lock(store: Path, logger: logging.Logger | logging.LoggerAdapter) -> I
 
 
 def run_items(
-    stream: IO[bytes], fmt: str, seed: int, settings: ImageSettings, model: str, path: str | Path = "prompts"
+    stream: IO[bytes],
+    fmt: str,
+    seed: int,
+    settings: ImageSettings,
+    model: str,
+    path: str | Path = "prompts",
+    start: int = 0,
 ) -> Iterator[tuple[BatchItem, Any]]:
-    """(row, engine Item) for every item of a checked file, one at a time: the row's settings over the run's,
-    resolved against the model's defaults (FLUX.1 uses a negative prompt only with true CFG)."""
+    """(row, engine Item) for every item of a checked file from item `start` on, one at a time: the row's settings
+    over the run's, resolved against the model's defaults (FLUX.1 uses a negative prompt only with true CFG)."""
     from stagediff.engine import Item
     from stagediff.family import family_for
     from stagediff.request import resolve_settings
 
     true_cfg = family_for(model).true_cfg
     resolved: dict[tuple, Any] = {}
-    for row in iter_items(stream, fmt, seed, path):
+    for row in iter_items(stream, fmt, seed, path, start):
         own = (row.steps, row.guidance, row.height, row.width)
         if own not in resolved:
             if len(resolved) > 1024:

@@ -481,14 +481,13 @@ def request_items(
 ) -> Iterator[Item]:
     """A `generate` request's items `start`..`stop` (default: all), read one at a time from its stored prompts:
     prompt i with its negative prompt, seed + i and the resolved settings."""
-    from stagediff.sources import open_source, prompt_lines
+    from stagediff.sources import open_source, prompt_lines, skip_items
 
     settings = resolve_settings(request.settings, request.model)
     negatives = request.negative_prompts
     with open_source(store, source) as stream:
-        for i, (_, prompt) in enumerate(prompt_lines(stream, source.format, source.name)):
-            if i < start:
-                continue
+        lines = skip_items(stream, source.format, start)
+        for i, (_, prompt) in enumerate(prompt_lines(stream, source.format, source.name, lines + 1), start):
             if stop is not None and i >= stop:
                 return
             negative = None if negatives is None else negatives[i] if len(negatives) > 1 else negatives[0]

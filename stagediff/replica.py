@@ -116,9 +116,8 @@ def job_items(job: ReplicaJob, store: Store, ids: dict[int, tuple[str, int | Non
     from stagediff.batch import run_items
 
     with open_source(store, job.source) as stream:
-        for row, item in run_items(stream, job.source.format, job.seed, job.settings, job.model, job.source.name):
-            if row.position < job.start:
-                continue
+        rows = run_items(stream, job.source.format, job.seed, job.settings, job.model, job.source.name, job.start)
+        for row, item in rows:
             if row.position >= job.stop:
                 return
             ids[item.index] = (row.id, row.line)

@@ -75,10 +75,10 @@ def reader(raw: IO[bytes], copy: IO[bytes] | None = None) -> tuple[io.BufferedRe
     return io.BufferedReader(tee, buffer_size=1 << 20), tee
 
 
-def text_lines(stream: IO[bytes], parameter: str, path: str | Path) -> Iterator[tuple[int, str]]:
+def text_lines(stream: IO[bytes], parameter: str, path: str | Path, first: int = 1) -> Iterator[tuple[int, str]]:
     """(1-based line number, text without its line end) of a binary stream split on "\\n" alone; a line that is
-    not UTF-8 is a RequestError naming it."""
-    for number, raw in enumerate(stream, 1):
+    not UTF-8 is a RequestError naming it. `first`: the number of the stream's next line (see `skip_items`)."""
+    for number, raw in enumerate(stream, first):
         if number == 1 and raw.startswith(BOM):
             raw = raw[len(BOM) :]
         try:
@@ -87,6 +87,24 @@ def text_lines(stream: IO[bytes], parameter: str, path: str | Path) -> Iterator[
             allowed = f"must be UTF-8 text; line {number} is not (byte {exc.start} of the line)"
             raise RequestError(parameter, str(path), allowed) from None
         yield number, text.removesuffix("\n").removesuffix("\r")
+
+
+def skip_items(stream: IO[bytes], fmt: Format, n: int) -> int:
+    """Read past the first `n` items of a checked snapshot whose items are lines (txt and jsonl: the lines that
+    are not blank; json: every line), without decoding or checking them; returns the lines read. A replica
+    starts at its share of a million-line file this way in a fraction of a second."""
+    lines = items = 0
+    while items < n:
+        raw = stream.readline()
+        if not raw:
+            break
+        lines += 1
+        if lines == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM) :]
+        text = raw.strip()  # ASCII whitespace; a line of other whitespace is blank too (str.strip)
+        if fmt == "json" or (text and (text.isascii() or text.decode("utf-8").strip())):
+            items += 1
+    return lines
 
 
 def open_file(parameter: str, path: str | Path, what: str) -> IO[bytes]:
@@ -108,10 +126,12 @@ def open_file(parameter: str, path: str | Path, what: str) -> IO[bytes]:
 # 1. `generate`'s prompts: a text file, one prompt a line (blank lines skipped), or the inline list
 
 
-def prompt_lines(stream: IO[bytes], fmt: Format, path: str | Path = "prompts") -> Iterator[tuple[int, str]]:
+def prompt_lines(
+    stream: IO[bytes], fmt: Format, path: str | Path = "prompts", first: int = 1
+) -> Iterator[tuple[int, str]]:
     """(line number, prompt) of a prompts snapshot or file: txt lines stripped, blank ones skipped; json
-    lines are JSON strings (prompts that may hold line breaks)."""
-    for number, text in text_lines(stream, "prompts_file", path):
+    lines are JSON strings (prompts that may hold line breaks). `first`: as `text_lines`'."""
+    for number, text in text_lines(stream, "prompts_file", path, first):
         if fmt == "json":
             yield number, json.loads(text)
         elif text.strip():

@@ -66,6 +66,26 @@ def test_appending_lines_keeps_the_ids_and_seeds_of_the_lines_above(tmp_path: Pa
     assert after[:2] == before and after[2].id not in {i.id for i in before}
 
 
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
+def test_a_share_from_item_k_on_is_the_files_items_from_k_on(tmp_path: Path, tiny_model: Path, fmt: str) -> None:
+    # blank lines, whitespace that only str.strip sees, a byte order mark, a CSV row over two lines
+    prompts = ["a fox", "the same fox, again", "a \u3000wide\u3000 space", "ünïcödé", "a\nline break", "last"]
+    if fmt == "txt":
+        text = "\ufeff\n" + "\n \t\n\u3000\u2003\n".join(p.replace("\n", " ") for p in prompts) + "\n\n"
+    elif fmt == "jsonl":
+        text = "\ufeff" + "\n\u3000\n".join(json.dumps({"prompt": p, "seed": i}) for i, p in enumerate(prompts)) + "\n"
+    else:
+        text = "\ufeffprompt,steps\n" + "".join(f'"{p}",{i + 1}\n' for i, p in enumerate(prompts))
+    path = write(tmp_path, f"p.{fmt}", text)
+    args = (fmt, 5, DEFAULTS, str(tiny_model), path.name)
+    with path.open("rb") as f:
+        every = [(row, asdict(item.settings), item) for row, item in run_items(f, *args)]
+    assert len(every) == len(prompts)
+    for k in range(len(prompts) + 2):
+        with path.open("rb") as f:
+            assert [(row, asdict(item.settings), item) for row, item in run_items(f, *args, start=k)] == every[k:]
+
+
 def test_jsonl_all_columns(tmp_path: Path) -> None:
     lines = [
         {"prompt": "a dog", "id": "dog-1", "seed": 5, "steps": 2, "guidance": 1.5, "height": 64, "width": 48},
