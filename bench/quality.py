@@ -16,22 +16,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import speed
 from bench.common import prefect_api, print_table, write_json
-from bench.speed import quality
 from bench.throughput import prompts
 from stagediff.default_model import cache_dir
 from stagediff.tiny_model import build_tiny_family
 
 FAMILIES = ("flux", "sd3", "sdxl", "sd15")
-LEVERS = {
-    "compile": ["--compile"],
-    "int8": ["--quantize", "int8"],
-    "int8-weight": ["--quantize", "int8-weight"],
-    "bf16": ["--dtype", "bfloat16"],
-    "first-block": ["--cache", "first-block"],
-    "taylorseer": ["--cache", "taylorseer"],
-    "magcache": ["--cache", "magcache"],
-}
+# bench.speed's single levers, and magcache
+SINGLE = ("compile", "int8", "int8-weight", "bf16", "first-block", "taylorseer")
+LEVERS = {lever: speed.LEVERS[lever] for lever in SINGLE}
+LEVERS["magcache"] = ["--cache", "magcache"]
 FLUX_ONLY = {"first-block", "taylorseer", "magcache"}
 SETTINGS = ["--steps", "4", "--height", "64", "--width", "64", "--max-sequence-length", "8", "--seed", "0"]
 
@@ -68,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if proc.returncode != 0:
                     raise RuntimeError(f"{family} {lever} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
                 if lever != "exact":
-                    found = quality(out / lever / "images", out / "exact" / "images")
+                    found = speed.quality(out / lever / "images", out / "exact" / "images")
                     results.setdefault(family, {})[lever] = found
                     print(f"{family:5} {lever:12} {found}", flush=True)
 
