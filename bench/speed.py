@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
             compiled["first run"] = compile_seconds(out)
             for name, extra in (("second run", []), ("2 replicas", ["--replicas", "2"])):
                 shutil.rmtree(root / "machine" / "compiled")
-                _, out = stagediff(f"compile-{name[0]}", ["--compile", *extra], "compile-store", seed=len(compiled))
+                run_id = f"compile-{name.replace(' ', '-')}"  # never a timed run's id (compile-0, compile-1, ...)
+                _, out = stagediff(run_id, ["--compile", *extra], "compile-store", seed=len(compiled))
                 compiled[name] = compile_seconds(out)
         # 2. Every compiled way run once, not counted (its code then in its store and on this machine)
         for lever in (lever for lever in args.levers if "compile" in lever):
