@@ -60,13 +60,14 @@ class ProcessStats:
 def set_wait_policy() -> None:
     """OpenMP's wait policy for this process' stages; call it before torch loads OpenMP (read once, then).
 
-    By default threads that wait for work spin, as in plain diffusers: the fastest while each thread has a core
-    (inductor's compiled code, with its many short parallel regions, ran 1.6x slower with sleeping threads).
-    A process that runs more threads than the cores it is pinned to (a CPU replica at a plain run's thread
-    count) makes them sleep instead: there a spinning thread holds the core its siblings need (the tiny model
-    ran ~100x slower). So does a forkserver that local CPU replicas will be forked from (`warm_up`'s
-    `cpu_replicas`). An OMP_WAIT_POLICY of the user's wins."""
-    if oversubscribed() or os.environ.get("STAGEDIFF_CPU_REPLICAS"):
+    Threads that wait for work sleep (PASSIVE): a CPU shared by several stage processes, replicas or workers
+    stays fast (spinning threads held the cores their siblings needed: the tiny model ran ~100x slower). A
+    `--compile` run's forkserver (`warm_up(compile=True)`) lets them spin, as in plain diffusers, unless it
+    runs more threads than the cores it is pinned to or CPU replicas will fork from it: inductor's compiled
+    kernels, with their many short parallel regions, ran 1.6x slower with sleeping threads. An OMP_WAIT_POLICY
+    of the user's wins."""
+    compiled = os.environ.get("STAGEDIFF_PRELOAD_COMPILER")
+    if not compiled or oversubscribed() or os.environ.get("STAGEDIFF_CPU_REPLICAS"):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -281,7 +282,8 @@ def _child_main(
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(conn, lock)]
     root.setLevel(logging.INFO)
-    set_wait_policy()  # as the forkserver does, for a spawned stage
+    if "torch" not in sys.modules:  # a spawned stage: as the forkserver does (a forked one has its policy)
+        set_wait_policy()
     started = time.time()
     try:
         fn = _resolve(target)  # imports the stage's module: free after a forkserver preload

@@ -27,25 +27,28 @@ def test_the_forkserver_never_initialises_cuda() -> None:
     assert initialised is False
 
 
-def test_stage_threads_spin_unless_they_outnumber_their_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_threads_sleep_while_they_wait_but_a_compile_runs_spin(monkeypatch: pytest.MonkeyPatch) -> None:
     # real stage processes: a fresh forkserver decides before torch loads OpenMP
-    # (and one started for local CPU replicas, which fork from it)
     script = ("import sys\nfrom stagediff.isolation import run_isolated, warm_up\n"
-              "warm_up(cpu_replicas=sys.argv[1] == 'r')\n"
+              "warm_up(compile=sys.argv[1] == 'c', cpu_replicas=sys.argv[2] == 'r')\n"
               "print(run_isolated('os:getenv', 'OMP_WAIT_POLICY', name='e')[0])")  # fmt: skip
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     more = str(len(os.sched_getaffinity(0)) + 1)
+    cases = [(clean, "-", "-"), (clean, "c", "-"), ({**clean, "STAGEDIFF_TORCH_THREADS": more}, "c", "-"),
+             ({**clean, "OMP_NUM_THREADS": "1"}, "c", "-"), (clean, "c", "r")]  # fmt: skip
     seen = []
-    for env, replicas in ((clean, "-"), ({**clean, "STAGEDIFF_TORCH_THREADS": more}, "-"),
-                          ({**clean, "OMP_NUM_THREADS": "1"}, "-"), (clean, "r")):  # fmt: skip
-        command = [sys.executable, "-c", script, replicas]
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    for env, compiled, replicas in cases:
+        command = [sys.executable, "-c", script, compiled, replicas]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr
         seen.append(proc.stdout.split()[-1])
-    assert seen == ["None", "PASSIVE", "None", "PASSIVE"]
-    # a process pinned to a share of the cores at torch's default thread count; the user's choice wins
-    for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "STAGEDIFF_TORCH_THREADS"):
+    assert seen == ["PASSIVE", "None", "PASSIVE", "None", "PASSIVE"]
+    # a compile run's process pinned to a share of the cores at torch's default thread count; the user wins
+    for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "STAGEDIFF_TORCH_THREADS", "STAGEDIFF_CPU_REPLICAS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STAGEDIFF_PRELOAD_COMPILER", "1")
+    set_wait_policy()
+    assert "OMP_WAIT_POLICY" not in os.environ
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     set_wait_policy()
