@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         # longer over every batch: its first batch alone is no measure)
         first = sum(c or 0.0 for _, _, c in compiled.get("first run", [])) or math.nan
         rows = [[name, ", ".join(f"{b:.1f} s" for _, b, _ in found), ", ".join(f"{c} s ({src})" for src, _, c in found),
-                 round(max(c if c is not None else math.nan for _, _, c in found) / first, 3)]
+                 round(max((c for _, _, c in found if c is not None), default=math.nan) / first, 3)]
                 for name, found in compiled.items() if found]  # fmt: skip
         print_table("--compile per denoise process", ["run", "first batch", "compiling or loading", "share"], rows)
     payload = {"settings": vars(args), "runs": times, "medians": med, "ratios": ratios, "quality": qualities,

@@ -75,11 +75,14 @@ def oversubscribed() -> bool:
     """Whether this process runs more torch threads than the cores it is pinned to."""
     if not hasattr(os, "sched_getaffinity"):
         return False
-    cores = len(os.sched_getaffinity(0))
     threads = os.environ.get("STAGEDIFF_TORCH_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit():
-        return int(threads) > cores
-    return cores < (os.cpu_count() or 1)  # torch's default: at most the machine's CPUs, a pinned process has fewer
+    return outnumbered(int(threads) if threads and threads.isdigit() else None, len(os.sched_getaffinity(0)))
+
+
+def outnumbered(threads: int | None, cores: int) -> bool:
+    """Whether `threads` torch threads outnumber `cores` (None: torch's default, at most the machine's CPUs, which
+    a process pinned to some of them has fewer of)."""
+    return (threads or os.cpu_count() or 1) > cores
 
 
 def start_method() -> str:

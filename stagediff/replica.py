@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagediff.artifacts.store import is_url
+from stagediff.isolation import outnumbered, oversubscribed
 from stagediff.request import ImageSettings, Placement, RequestError, RunOptions, check_gpu_ids, visible_gpus
 from stagediff.sources import Source
 
@@ -265,8 +266,6 @@ def run_local_replica(job: ReplicaJob) -> dict[str, Any]:
     in turn (everything is imported already, and no accelerator was ever touched). Unless its threads outnumber
     its cores and the forkserver made them spin (it did not know of CPU replicas): then they come from a
     forkserver of the replica's own, which makes them sleep (see `isolation.set_wait_policy`)."""
-    from stagediff.isolation import oversubscribed
-
     apply_devices(job)
     spinning = "OMP_WAIT_POLICY" not in os.environ  # as the forkserver set it (or the user did)
     os.environ["STAGEDIFF_START_METHOD"] = "forkserver" if spinning and oversubscribed() else "fork"
@@ -275,4 +274,4 @@ def run_local_replica(job: ReplicaJob) -> dict[str, Any]:
 
 def cpu_replicas(groups: list[dict[str, Any]] | None) -> bool:
     """Whether `plan_replicas`' replicas include local CPU ones whose threads outnumber their cores."""
-    return any(g["cpus"] is not None and (g["threads"] or os.cpu_count() or 1) > len(g["cpus"]) for g in groups or [])
+    return any(g["cpus"] is not None and outnumbered(g["threads"], len(g["cpus"])) for g in groups or [])
