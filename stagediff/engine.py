@@ -146,6 +146,7 @@ class Stored:
     keys: dict[int, dict[str, str]]  # index -> its content keys
     refs: dict[int, ItemRef]  # index -> the stage's artifact
     made: dict[int, str]  # index -> computed | reused | recomputed (was damaged)
+    whole: bool = False  # the store held these items' images before any stage ran: the run made none of their parts
 
 
 @dataclass
@@ -279,7 +280,9 @@ class Engine:
         progress.reused(len(done))
         items = [item for item, _ in done]
         refs = {item.index: ref for item, ref in done}
-        on_stored(Stored("decode", items, {i.index: keys[i.index] for i in items}, refs, dict.fromkeys(refs, "reused")))
+        on_stored(
+            Stored("decode", items, {i.index: keys[i.index] for i in items}, refs, dict.fromkeys(refs, "reused"), True)
+        )
 
     def run_chunk(
         self,

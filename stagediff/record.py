@@ -151,9 +151,17 @@ class Record:
         with self.db:
             self.db.executemany("UPDATE items SET seen = ?, status = 'done' WHERE id = ?", [(self.run, i) for i in ids])
 
-    def stored(self, kind: str, made: dict[str, tuple[str, str]], stats: dict[str, str | None] | None = None) -> None:
+    def stored(
+        self,
+        kind: str,
+        made: dict[str, tuple[str, str]],
+        stats: dict[str, str | None] | None = None,
+        whole: bool = False,
+    ) -> None:
         """`made`: item id -> (sha256, computed | reused | recomputed) of its `kind` artifact; an image makes
-        the item done (by this run). One transaction."""
+        the item done (by this run). `whole`: images found in the store before any stage ran, so this run made
+        none of those items' parts (an image another run stored while this one made its parts leaves what
+        this run made as it is). One transaction."""
         t = time.time()
         if kind == "images":
             self.tally["done"] += len(made)
@@ -162,9 +170,8 @@ class Record:
         done = ", status = 'done', run = :run" if kind == "images" else ""
         if kind == "images":  # the folder's image file as linked from the checked store object
             done += ", image_stat = :stat"
-        if kind == "images":  # an image found in the store: this run made nothing of that item
-            done += ", made_embeddings = CASE WHEN :made = 'reused' THEN 'reused' ELSE made_embeddings END"
-            done += ", made_latents = CASE WHEN :made = 'reused' THEN 'reused' ELSE made_latents END"
+        if kind == "images" and whole:
+            done += ", made_embeddings = 'reused', made_latents = 'reused'"
         with self.db:
             self.db.executemany(
                 f"UPDATE items SET {sha} = :sha, {how} = :made, updated = :t{done} WHERE id = :id",

@@ -95,7 +95,7 @@ class Journal:
         from stagediff.jobs import KIND_OF_STAGE
 
         refs = {i: [ref.key, ref.sha256, stored.made.get(i, "reused")] for i, ref in stored.refs.items()}
-        self.write({"kind": KIND_OF_STAGE[stored.stage], "refs": refs})
+        self.write({"kind": KIND_OF_STAGE[stored.stage], "refs": refs, "whole": stored.whole})
         if stored.stage == "decode":
             for index in stored.refs:
                 self.ids.pop(index, None)

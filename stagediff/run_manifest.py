@@ -126,10 +126,11 @@ class RunFolder:
     def on_stored(self, stored: Stored) -> None:
         """Link what a stage stored into the folder and record its sha256 and how it was made."""
         refs = {i: (ref.key, ref.sha256, stored.made.get(i, "reused")) for i, ref in stored.refs.items()}
-        self.stored_refs(KIND_OF_STAGE[stored.stage], refs)
+        self.stored_refs(KIND_OF_STAGE[stored.stage], refs, stored.whole)
 
-    def stored_refs(self, kind: str, refs: dict[int, tuple[str, str, str]]) -> None:
-        """`refs`: item index -> (key, sha256, computed | reused | recomputed) of its `kind` artifact."""
+    def stored_refs(self, kind: str, refs: dict[int, tuple[str, str, str]], whole: bool = False) -> None:
+        """`refs`: item index -> (key, sha256, computed | reused | recomputed) of its `kind` artifact; `whole`:
+        images the store held before any stage ran (this run made none of those items' parts)."""
         stats = {}
         if self.layout == "run" or kind == "images":
             for index, (key, _, _) in refs.items():
@@ -138,7 +139,8 @@ class RunFolder:
                 self.store.materialize(kind, key, path)
                 if kind == "images":
                     stats[name] = file_stat(path)
-        self.record.stored(kind, {self.item_id(i)[0]: (sha, made) for i, (_, sha, made) in refs.items()}, stats)
+        made = {self.item_id(i)[0]: (sha, how) for i, (_, sha, how) in refs.items()}
+        self.record.stored(kind, made, stats, whole)
         if kind == "images":
             for index in refs:
                 self.ids.pop(index, None)
@@ -150,7 +152,7 @@ class RunFolder:
             self.listed_rows(segment["listed"])
             return 0
         refs = {int(i): tuple(ref) for i, ref in segment["refs"].items()}
-        self.stored_refs(segment["kind"], refs)
+        self.stored_refs(segment["kind"], refs, segment.get("whole", False))
         return len(refs) if segment["kind"] == "images" else 0
 
     def on_process(self, stage: str, entry: dict[str, Any]) -> None:

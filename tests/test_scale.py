@@ -105,6 +105,23 @@ def test_the_record_of_a_chunk_costs_the_same_at_item_1000_and_at_item_200000(tm
     assert record.progress()["images_so_far"] > 200_000
 
 
+def test_an_image_found_after_this_run_made_its_parts_leaves_them_computed_one_found_first_makes_all_reused(
+    tmp_path: Path,
+) -> None:
+    # Two runs over one store: this run encoded and denoised item 0, then the other run stored its image first.
+    record = Record(tmp_path / "record.db", "run")
+    record.start_run({"status": "running"})
+    keys = {kind: f"{kind[0]}{0:063d}" for kind in ("embeddings", "latents", "images")}
+    record.listed([item_row(FakeItem(i, f"item {i}", None, i, FakeSettings()), keys, f"{i:05d}") for i in (0, 1)])
+    for kind in ("embeddings", "latents"):
+        record.stored(kind, {"00000": ("e" * 64, "computed")})
+    record.stored("images", {"00000": ("a" * 64, "reused")})
+    record.stored("images", {"00001": ("a" * 64, "reused")}, whole=True)  # found before any stage ran
+    made = {item["id"]: item["made"] for item in record.items()}
+    assert made["00000"] == {"embeddings": "computed", "latents": "computed", "images": "reused"}, made
+    assert made["00001"] == {"embeddings": "reused", "latents": "reused", "images": "reused"}, made
+
+
 @pytest.mark.parametrize("layout", ["run", "batch"])
 def test_items_jsonl_is_every_items_entry_in_request_order(tmp_path: Path, layout: str) -> None:
     record = Record(tmp_path / "record.db", layout)
