@@ -46,7 +46,15 @@ from stagediff.jobs import (
     StageContext,
     StageResult,
 )
-from stagediff.keys import ModelIdentity, digest, item_keys, model_hash, model_identity, resolve_dtype
+from stagediff.keys import (
+    ModelIdentity,
+    digest,
+    item_keys,
+    key_context,
+    model_hash,
+    model_identity,
+    resolve_dtype,
+)
 from stagediff.progress import Progress
 from stagediff.request import (
     GenerateRequest,
@@ -176,6 +184,20 @@ class Engine:
             self.ctx.encode_levers,
         )  # fmt: skip
 
+    def key_context(self) -> str:
+        """What `keys` depends on besides the item (see `keys.key_context`)."""
+        return key_context(
+            self.identity, self.ctx.dtype, self.tiled_decode, self.sliced_decode, self.metadata, self.ctx.model,
+            self.ctx.levers, self.ctx.encode_levers,
+        )  # fmt: skip
+
+    def keys_into(self, keys: dict[int, dict[str, str]], item: Item) -> dict[str, str]:
+        """The item's keys, made once: kept in `keys`."""
+        found = keys.get(item.index)
+        if found is None:
+            found = keys[item.index] = self.keys(item)
+        return found
+
     def run(
         self,
         items: Iterable[Item],
@@ -183,14 +205,14 @@ class Engine:
         progress: Progress | None = None,
         on_process: Callable[[str, dict[str, Any]], None] | None = None,
         on_listed: Callable[[list[Item], dict[int, dict[str, str]]], None] | None = None,
-        known: Callable[[Item, dict[str, str]], bool] | None = None,
+        known: Callable[[Item, Callable[[], dict[str, str]]], bool] | None = None,
         on_known: Callable[[list[Item]], None] | None = None,
     ) -> None:
         """Every item's artifacts into the store, the items taken one at a time as they come.
 
-        `known(item, keys)`: True for an item the caller's record holds done with these keys, its image checked
-        (a rerun's done items cost a record look-up, not a store read); `on_known(items)` is all that is said
-        of them.
+        `known(item, keys_of)`: True for an item the caller's record holds done with the item's keys (`keys_of()`
+        makes them, for a record that does not hold them already), its image checked (a rerun's done items cost
+        a record look-up, not a store read); `on_known(items)` is all that is said of them.
 
         `on_listed(items, keys)`: before a chunk's stages (and before items found done are reported), so the
         caller records the items and their keys first; `on_stored(stored)`: after each stage of each chunk
@@ -206,16 +228,15 @@ class Engine:
         done: list[tuple[Item, ItemRef]] = []
         already: list[Item] = []
         for item in items:
-            keys[item.index] = self.keys(item)
-            if known is not None and known(item, keys[item.index]):
+            if known is not None and known(item, functools.partial(self.keys_into, keys, item)):
                 already.append(item)
                 if len(already) >= DONE_BATCH:
                     self.report_known(already, keys, progress)
                     for item in already:
-                        del keys[item.index]
+                        keys.pop(item.index, None)
                     already = []
                 continue
-            ref = self.image_in_store(store, item, keys[item.index])
+            ref = self.image_in_store(store, item, self.keys_into(keys, item))
             if ref is not None:
                 done.append((item, ref))
                 if len(done) >= DONE_BATCH:

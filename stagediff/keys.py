@@ -253,6 +253,22 @@ def item_keys(
     return {"embeddings": embeddings, "latents": latents, "images": image}
 
 
+def key_context(
+    model: ModelIdentity,
+    dtype: str,
+    tiled: bool = False,
+    sliced: bool = False,
+    metadata: bool = True,
+    named: str = "",
+    levers: str = "",
+    encode_levers: str = "",
+) -> str:
+    """All that an item's keys depend on but its prompt, negative prompt, seed and settings (`item_keys`'s other
+    arguments and the keys' version): under one context, an item has the keys that it had before."""
+    return digest({"v": KEY_VERSION, "model": asdict(model), "dtype": dtype, "tiled": tiled, "sliced": sliced,
+                   "metadata": metadata, "named": named, "levers": levers, "encode_levers": encode_levers})  # fmt: skip
+
+
 def no_accelerator() -> bool:
     """True on a Linux machine that shows no NVIDIA, AMD (ROCm) or other DRM accelerator device at all."""
     if not sys.platform.startswith("linux"):

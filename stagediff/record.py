@@ -32,6 +32,7 @@ KINDS = ("embeddings", "latents", "images")
 # breaks of a line for str.splitlines that JSON leaves unescaped: escaped, so that every reader sees one item a line
 LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 SUFFIX = {"embeddings": "safetensors", "latents": "safetensors", "images": "png"}
+IMAGE_ROW = "key_images, sha_images, status, image_stat, seen, prompt, negative_prompt, seed, settings"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -181,15 +182,14 @@ class Record:
                 ],
             )
 
-    def image_row(self, item_id: str) -> tuple[str, str, str, str | None] | None:
-        """(image key, image sha256, status, the folder image's stat when its sha256 was checked) of an item."""
-        return self.db.execute("SELECT key_images, sha_images, status, image_stat FROM items WHERE id = ?",
-                               (item_id,)).fetchone()  # fmt: skip
+    def image_row(self, item_id: str) -> tuple | None:
+        """(image key, image sha256, status, the folder image's stat when its sha256 was checked, the last run
+        that listed it, prompt, negative prompt, seed, settings) of an item."""
+        return self.db.execute(f"SELECT {IMAGE_ROW} FROM items WHERE id = ?", (item_id,)).fetchone()
 
-    def image_rows(self, start: int, n: int) -> dict[str, tuple[str, str, str, str | None]]:
+    def image_rows(self, start: int, n: int) -> dict[str, tuple]:
         """Item id -> `image_row` of the items at indices start to start + n - 1 (one range of the index)."""
-        rows = self.db.execute("SELECT id, key_images, sha_images, status, image_stat FROM items "
-                               "WHERE idx >= ? AND idx < ?", (start, start + n))  # fmt: skip
+        rows = self.db.execute(f"SELECT id, {IMAGE_ROW} FROM items WHERE idx >= ? AND idx < ?", (start, start + n))
         return {row[0]: row[1:] for row in rows}
 
     def checked_images(self, stats: dict[str, str]) -> None:

@@ -23,7 +23,17 @@ import stagediff
 from stagediff.artifacts import ArtifactError, Store, verify_file
 from stagediff.engine import Engine, Item, Stored
 from stagediff.jobs import KIND_OF_STAGE
-from stagediff.record import FIRST_ITEMS, FORMAT, SUFFIX, Record, is_old_format, item_row, read_summary, write_summary
+from stagediff.record import (
+    FIRST_ITEMS,
+    FORMAT,
+    SUFFIX,
+    Record,
+    is_old_format,
+    item_row,
+    read_summary,
+    settings_json,
+    write_summary,
+)
 from stagediff.request import GenerateRequest, RequestError, check_writable
 
 READ_AHEAD = 1024  # rows of the record a rerun reads at once to find the items done before
@@ -63,13 +73,18 @@ class RunFolder:
         self.total: int | None = None  # items the run's request holds
         # rows of the record read ahead for `known`: (first index, end index, id -> row)
         self.ahead: tuple[int, int, dict[str, tuple]] = (0, 0, {})
+        self.same_keys: set[int] = set()  # runs whose key context is this run's: their rows' keys are this run's
 
     # 1. A run
 
     def start(self, engine: Engine | None, store: Store, total: int | None = None, **info: Any) -> int:
         self.engine, self.store, self.total = engine, store, total
+        if engine is not None:  # one process makes every key of the run: one context (a fan-out's may be many)
+            info["key_context"] = engine.key_context()
         run = self.record.start_run({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                      "status": "running", **info})  # fmt: skip
+        if engine is not None:
+            self.same_keys = {r["run"] for r in self.record.runs() if r.get("key_context") == info["key_context"]}
         self.summary_base.update(status="running")
         self.summary_base.pop("error", None)
         self.save(force=True)
@@ -85,16 +100,23 @@ class RunFolder:
         """Items about to be worked on: their rows, with their keys (before any artifact of theirs is read)."""
         self.listed_rows([item_row(item, keys[item.index], *self.item_id(item.index)) for item in items])
 
-    def known(self, item: Item, keys: dict[str, str]) -> bool:
-        """Whether the record holds the item done under these keys and its image in the folder is that one
-        (its sha256 checked): then it needs no store read at all."""
+    def known(self, item: Item, keys_of: Callable[[], dict[str, str]]) -> bool:
+        """Whether the record holds the item done under its keys and its image in the folder is that one (its
+        sha256 checked): then it needs no store read at all. A row last listed by a run of this key context,
+        with the item's prompt, negative prompt, seed and settings, holds the item's keys: they are not made
+        again (at 100,000 items, that was most of a rerun's time)."""
         item_id = self.item_id(item.index)[0]
         if not self.ahead[0] <= item.index < self.ahead[1]:  # the record's next rows in request order, at once
             self.ahead = (item.index, item.index + READ_AHEAD, self.record.image_rows(item.index, READ_AHEAD))
         row = self.ahead[2].pop(item_id, None)
         if row is None:  # not at its place of last time (or new): looked up alone
             row = self.record.image_row(item_id)
-        if row is None or row[0] != keys["images"] or not row[1] or row[2] not in ("done", "removed"):
+        if row is None or not row[1] or row[2] not in ("done", "removed"):
+            return False
+        image_key, _, _, _, seen, prompt, negative_prompt, seed, settings = row
+        same = (seen in self.same_keys and prompt == item.prompt and negative_prompt == item.negative_prompt
+                and seed == item.seed and settings == settings_json(item.settings))  # fmt: skip
+        if not same and image_key != keys_of()["images"]:
             return False
         sha, checked = row[1], row[3]
         path = self.folder / "images" / f"{item_id}.png"

@@ -217,9 +217,13 @@ class FakeEngine(Engine):
     def __init__(self, tiny_model: Path, store: Path, model: str, fail: bool = False) -> None:
         super().__init__(StageContext(str(tiny_model), str(store), str(store / ".store"), "float32"), identity=None,
                          prefect_tasks=False)  # fmt: skip
-        self.model, self.fail, self.computed = model, fail, []
+        self.model, self.fail, self.computed, self.keyed = model, fail, [], 0
+
+    def key_context(self) -> str:
+        return self.model  # all that its keys depend on besides the item
 
     def keys(self, item: Item) -> dict[str, str]:
+        self.keyed += 1
         key = hashlib.sha256(json.dumps([self.model, item.prompt, item.seed, asdict(item.settings)]).encode())
         return dict.fromkeys(("embeddings", "latents", "images"), key.hexdigest())
 
@@ -241,9 +245,17 @@ class FakeEngine(Engine):
         return []
 
 
-def run_batch(tiny_model: Path, path: Path, store: Path, model: str = "/models/tiny", fail: bool = False):
+def run_batch(
+    tiny_model: Path,
+    path: Path,
+    store: Path,
+    model: str = "/models/tiny",
+    fail: bool = False,
+    keyed: list | None = None,
+):
     """What the batch flow does around the stages: the file stored, the folder's record, the engine over the file's
-    items; returns (summary, prompts computed, every item of the record in items.jsonl's order)."""
+    items; returns (summary, prompts computed, every item of the record in items.jsonl's order). `keyed` gets the
+    number of items whose keys the engine made."""
     engine = FakeEngine(tiny_model, store, model, fail)
     blobs = Store(engine.ctx.store)
     with staging(blobs) as staged:
@@ -265,6 +277,8 @@ def run_batch(tiny_model: Path, path: Path, store: Path, model: str = "/models/t
         summary = folder.finish("failed", str(exc))
     every = [*folder.record.items("WHERE status != 'removed'"), *folder.record.items("WHERE status = 'removed'")]
     folder.close()
+    if keyed is not None:
+        keyed.append(engine.keyed)
     return summary, engine.computed, every
 
 
@@ -279,9 +293,11 @@ def test_a_run_skips_done_items_and_redoes_changed_or_failed_ones(tiny_model: Pa
     assert summary["runs"][0]["computed"] == 3 and summary["stages"]["decode"]["computed"] == 3
     assert read_items(store) == items and summary["first_items"] == items
     assert all((store / e["image"]).is_file() for e in items)
-    summary, computed, items = run_batch(tiny_model, path, store)
+    keyed: list[int] = []
+    summary, computed, items = run_batch(tiny_model, path, store, keyed=keyed)
     assert computed == [] and [e["status"] for e in items] == ["done"] * 3
     assert [e["made"]["images"] for e in items] == ["computed"] * 3 and {e["run"] for e in items} == {1}  # kept
+    assert keyed == [0]  # the record holds their keys, made under the same key context: not made again
     assert summary["counts"]["computed_by_this_run"] == 0 and summary["stages"]["decode"]["reused"] == 3
     assert [(r["run"], r["computed"], r["done"]) for r in summary["runs"]] == [(1, 3, 3), (2, 0, 3)]
 
@@ -312,8 +328,9 @@ def test_a_run_skips_done_items_and_redoes_changed_or_failed_ones(tiny_model: Pa
                                                            ("e", "failed"), ("d", "removed")]  # fmt: skip
     summary, computed, items = run_batch(tiny_model, path, store)
     assert computed == ["e"] and [e["status"] for e in items] == ["done"] * 4 + ["removed"]
-    summary, computed, items = run_batch(tiny_model, path, store, model="/models/other")
+    summary, computed, items = run_batch(tiny_model, path, store, model="/models/other", keyed=keyed)
     assert computed == ["a", "b", "c", "e"] and summary["counts"]["computed_by_this_run"] == 4
+    assert keyed == [0, 4]  # another key context: every key made again
     assert [r["computed"] for r in summary["runs"]] == [2, 0, 0, 1, 4]  # the last 5 runs
 
 
