@@ -283,7 +283,9 @@ def fanout(
             check_replica_deployment(pool)
         previous = open_run(request)
     if not pool:
-        warm_up(request.model, request.placement.compile, cpu_replicas(groups))  # replicas fork from it: imports once
+        warm_up(
+            request.model, request.placement.compile, cpu_replicas(groups), request.placement.spinning
+        )  # replicas fork from it: imports once
     label_flow_run(None if output.run_id else f"fanout {request.run_id}", model_tag(model))
 
     with heartbeats():

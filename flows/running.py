@@ -57,7 +57,7 @@ def start_engine(
     `name`: a new name for the flow run (when its first one could not know its run id); `cpu_replicas`: local
     CPU replicas will fork from the stage forkserver (`isolation.warm_up`)."""
     # the stage forkserver imports torch and the model's classes meanwhile
-    warm_up(model, placement.compile, cpu_replicas)
+    warm_up(model, placement.compile, cpu_replicas, placement.spinning)
     label_flow_run(name, model_tag(model_arg))
     with refusals_are_final():  # a model whose weights do not fit its config is bad input, never retried
         return build_engine(

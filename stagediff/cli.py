@@ -362,7 +362,9 @@ def run_flow(
     from stagediff.prefect_api import choose_api
 
     choose_api()  # an unreachable configured server is one line, before anything starts
-    warm_up(request.model, request.placement.compile)  # the stage forkserver imports torch while Prefect starts
+    warm_up(
+        request.model, request.placement.compile, spin=request.placement.spinning
+    )  # the stage forkserver imports torch while Prefect starts
     from stagediff.flows.generate import generate
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output
@@ -426,7 +428,7 @@ def run_fanout(request: GenerateRequest, args: argparse.Namespace, options: RunO
     choose_api()
     if args.pool is None:
         # local replicas fork from it, importing as Prefect starts
-        warm_up(request.model, request.placement.compile, cpu_replicas(groups))
+        warm_up(request.model, request.placement.compile, cpu_replicas(groups), request.placement.spinning)
     from stagediff.flows.fanout import fanout
     from stagediff.flows.running import without_prefect_heartbeats
     from stagediff.request import Output

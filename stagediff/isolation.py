@@ -61,13 +61,13 @@ def set_wait_policy() -> None:
     """OpenMP's wait policy for this process' stages; call it before torch loads OpenMP (read once, then).
 
     Threads that wait for work sleep (PASSIVE): a CPU shared by several stage processes, replicas or workers
-    stays fast (spinning threads held the cores their siblings needed: the tiny model ran ~100x slower). A
-    `--compile` run's forkserver (`warm_up(compile=True)`) lets them spin, as in plain diffusers, unless it
-    runs more threads than the cores it is pinned to or CPU replicas will fork from it: inductor's compiled
-    kernels, with their many short parallel regions, ran 1.6x slower with sleeping threads. An OMP_WAIT_POLICY
-    of the user's wins."""
-    compiled = os.environ.get("STAGEDIFF_PRELOAD_COMPILER")
-    if not compiled or oversubscribed() or os.environ.get("STAGEDIFF_CPU_REPLICAS"):
+    stays fast (spinning threads held the cores their siblings needed: the tiny model ran ~100x slower). The
+    forkserver of a `--compile` or `--quantize` run (`warm_up(spin=True)`) lets them spin, as in plain
+    diffusers, unless it runs more threads than the cores it is pinned to or CPU replicas will fork from it:
+    inductor's compiled kernels and torchao's int8 dynamic quantization, with their many short parallel
+    regions, ran 1.6x and 1.15x slower with sleeping threads. An OMP_WAIT_POLICY of the user's wins."""
+    spin = os.environ.get("STAGEDIFF_SPIN")
+    if not spin or oversubscribed() or os.environ.get("STAGEDIFF_CPU_REPLICAS"):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -101,10 +101,13 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def warm_up(model: str | None = None, compile: bool = False, cpu_replicas: bool = False) -> None:
+def warm_up(
+    model: str | None = None, compile: bool = False, cpu_replicas: bool = False, spin: bool | None = None
+) -> None:
     """Start the forkserver now: it imports the heavy libraries, and the classes `model` names, in the background
     (and torch's compiler, seconds of imports, for a `--compile` run); `cpu_replicas`: local replicas pinned to
-    shares of the cores will be forked from it (see `set_wait_policy`).
+    shares of the cores will be forked from it; `spin`: its stage threads may spin while they wait (default: for
+    a compile run; see `set_wait_policy` and `Placement.spinning`).
 
     A no-op when it is already running (it preloads what the first caller named).
     """
@@ -113,12 +116,14 @@ def warm_up(model: str | None = None, compile: bool = False, cpu_replicas: bool 
     _context()
     from multiprocessing import forkserver
 
-    names = ("STAGEDIFF_PRELOAD_MODEL", "STAGEDIFF_PRELOAD_COMPILER", "STAGEDIFF_CPU_REPLICAS")
+    names = ("STAGEDIFF_PRELOAD_MODEL", "STAGEDIFF_PRELOAD_COMPILER", "STAGEDIFF_CPU_REPLICAS", "STAGEDIFF_SPIN")
     before = {name: os.environ.get(name) for name in names}
     if model:
         os.environ["STAGEDIFF_PRELOAD_MODEL"] = str(model)  # read by stagediff.preload in the new forkserver
     if compile:
         os.environ["STAGEDIFF_PRELOAD_COMPILER"] = "1"
+    if compile if spin is None else spin:
+        os.environ["STAGEDIFF_SPIN"] = "1"  # read by set_wait_policy in the new forkserver
     if cpu_replicas:
         os.environ["STAGEDIFF_CPU_REPLICAS"] = "1"  # read by stagediff.forkserver
     try:

@@ -235,7 +235,7 @@ def run_replica(job: ReplicaJob, prefect_tasks: bool = False, logger: Any = None
 
     started = time.time()
     apply_devices(job)
-    warm_up(job.model, job.placement.compile)
+    warm_up(job.model, job.placement.compile, spin=job.placement.spinning)
     work_dir = job.work_dir or tempfile.mkdtemp(prefix=f"stagediff-replica-{job.replica}-")
     engine = build_engine(
         job.model, job.placement, job.store, work_dir, job.options, job.store_options,

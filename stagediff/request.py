@@ -314,6 +314,12 @@ class Placement(_Model):
                 return f"first-block:{number:g}"
         raise RequestError("cache", value, ALLOWED["cache"])
 
+    @property
+    def spinning(self) -> bool:
+        """Whether the stage threads of a run may spin while they wait (`isolation.set_wait_policy`): the levers
+        whose many short parallel regions ran slower with sleeping threads (compiled kernels, int8)."""
+        return self.compile or self.quantize is not None
+
     @model_validator(mode="after")
     def _levers_where_they_run(self) -> Placement:
         if self.quantize_components is not None and self.quantize is None:

@@ -30,23 +30,23 @@ def test_the_forkserver_never_initialises_cuda() -> None:
 def test_stage_threads_sleep_while_they_wait_but_a_compile_runs_spin(monkeypatch: pytest.MonkeyPatch) -> None:
     # real stage processes: a fresh forkserver decides before torch loads OpenMP
     script = ("import sys\nfrom stagediff.isolation import run_isolated, warm_up\n"
-              "warm_up(compile=sys.argv[1] == 'c', cpu_replicas=sys.argv[2] == 'r')\n"
+              "warm_up(compile=sys.argv[1] == 'c', cpu_replicas=sys.argv[2] == 'r', spin=sys.argv[1] in 'cq')\n"
               "print(run_isolated('os:getenv', 'OMP_WAIT_POLICY', name='e')[0])")  # fmt: skip
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     more = str(len(os.sched_getaffinity(0)) + 1)
     cases = [(clean, "-", "-"), (clean, "c", "-"), ({**clean, "STAGEDIFF_TORCH_THREADS": more}, "c", "-"),
-             ({**clean, "OMP_NUM_THREADS": "1"}, "c", "-"), (clean, "c", "r")]  # fmt: skip
+             ({**clean, "OMP_NUM_THREADS": "1"}, "c", "-"), (clean, "c", "r"), (clean, "q", "-")]  # fmt: skip
     seen = []
     for env, compiled, replicas in cases:
         command = [sys.executable, "-c", script, compiled, replicas]
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr
         seen.append(proc.stdout.split()[-1])
-    assert seen == ["PASSIVE", "None", "PASSIVE", "None", "PASSIVE"]
+    assert seen == ["PASSIVE", "None", "PASSIVE", "None", "PASSIVE", "None"]  # q: a quantize run spins too
     # a compile run's process pinned to a share of the cores at torch's default thread count; the user wins
     for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "STAGEDIFF_TORCH_THREADS", "STAGEDIFF_CPU_REPLICAS"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("STAGEDIFF_PRELOAD_COMPILER", "1")
+    monkeypatch.setenv("STAGEDIFF_SPIN", "1")
     set_wait_policy()
     assert "OMP_WAIT_POLICY" not in os.environ
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
