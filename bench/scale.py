@@ -3,7 +3,7 @@
 prompts, as fresh commands against one Prefect server.
 
     python -m bench.scale [--sizes 1000 100000 1000000] [--window 45] [--complete 100000] [--json PATH]
-        [--complete-folder DIR]
+        [--complete-folder DIR] [--reruns 1] [--modes batch generate replicas]
 
 For each way to run: the small file runs to its end; each large one runs for the small run's time from its
 first image to its last (the same window: images/s at N against images/s at the small N), on for `--window`
@@ -12,7 +12,9 @@ start to its next image). The flow process' peak RSS (VmHWM of the command, whic
 processes are listed apart, from the summary) and the seconds from the flow's start to its first stage come
 from the same runs; the file's every line is checked before the first stage. `--complete N`: a batch of N
 lines run to its end, one line appended, run again (it must compute one item); `--complete-folder DIR`: that
-batch was already run to its end there (DIR/prompts-N.txt, DIR/batch), by the same command.
+batch was already run to its end there (DIR/prompts-N.txt, DIR/batch), by the same command; `--reruns K`:
+appended and rerun K times (the first rerun after an upgrade may make every key again; see docs/benchmarks.md);
+`--modes` with no mode: the rerun alone.
 """
 
 from __future__ import annotations
@@ -187,26 +189,29 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
     return rows
 
 
-def bench_rerun(n: int, tmp: Path, env: dict[str, str], built: Path | None = None) -> dict[str, Any]:
+def bench_rerun(n: int, tmp: Path, env: dict[str, str], built: Path | None = None, times: int = 1) -> dict[str, Any]:
     """A batch of `n` lines run to its end (or `built`, a folder holding prompts-N.txt and the completed batch
-    of `command`), one line appended, run again."""
+    of `command`), then `times` times: one line appended, run again."""
     folder = built or tmp / f"complete-{n}"
     folder.mkdir(exist_ok=True)
     path = prompts_file(folder, n)
     cmd, images = command("batch", path, folder)
     completed = run(cmd, images, env, None, None) if built is None else {"seconds": None}
-    with path.open("a", encoding="utf-8") as f:
-        f.write("one more line\n")
-    t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    ended = time.time()
-    lines = proc.stdout.splitlines() + proc.stderr.splitlines()
-    start = next(t for line in lines if "Beginning flow run" in line and (t := log_time(line, ended)) is not None)
-    finish = next(t for line in lines if "Finished in state Completed" in line and (t := log_time(line, ended)))
-    summary = json.loads((folder / "batch" / "batch.json").read_text())
-    return {"items": n, "first_run_seconds": completed["seconds"], "rerun_command_seconds": round(ended - t0, 2),
-            "rerun_flow_seconds": round(finish - start, 2), "computed": summary["counts"]["computed_by_this_run"],
-            "done": summary["counts"]["done"], "returncode": proc.returncode}  # fmt: skip
+    reruns = []
+    for _ in range(times):
+        with path.open("a", encoding="utf-8") as f:
+            f.write("one more line\n")
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        ended = time.time()
+        lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+        start = next(t for line in lines if "Beginning flow run" in line and (t := log_time(line, ended)))
+        finish = next(t for line in lines if "Finished in state Completed" in line and (t := log_time(line, ended)))
+        summary = json.loads((folder / "batch" / "batch.json").read_text())
+        reruns.append({"command_seconds": round(ended - t0, 2), "flow_seconds": round(finish - start, 2),
+                       "computed": summary["counts"]["computed_by_this_run"], "done": summary["counts"]["done"],
+                       "returncode": proc.returncode})  # fmt: skip
+    return {"items": n, "first_run_seconds": completed["seconds"], "reruns": reruns}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -215,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--window", type=float, default=45.0, help="seconds each large run runs before SIGTERM")
     parser.add_argument("--complete", type=int, default=100_000, help="a batch run to its end, then rerun (0: skip)")
     parser.add_argument("--complete-folder", type=Path, help="a folder whose --complete batch has run to its end")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--reruns", type=int, default=1, help="times the --complete batch is rerun, a line more each")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="none: the rerun alone")
     parser.add_argument("--json", help="where to write the results (default: bench/results/scale.json)")
     parser.add_argument("--api-url", help="a Prefect API (default: $PREFECT_API_URL or a temporary server)")
     args = parser.parse_args(argv)
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for mode in args.modes:
             results[mode] = bench_mode(mode, args.sizes, args.window, Path(tmp), env)
         if args.complete:
-            results["rerun"] = bench_rerun(args.complete, Path(tmp), env, args.complete_folder)
+            results["rerun"] = bench_rerun(args.complete, Path(tmp), env, args.complete_folder, args.reruns)
     rows = []
     for mode in args.modes:
         for n, row in results[mode].items():
@@ -238,13 +244,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          row.get("ratio_to_small_whole_window", "-"), row["run"]["flow_peak_rss_mb"],
                          row["run"]["flow_to_first_stage_s"], row["run"]["seconds_to_exit_after_sigterm"] or "-",
                          resumed.get("flow_to_first_image_s") or "-"])  # fmt: skip
-    print_table("Runs of any size (tiny model, 64x64, 1 step, batch 16)",
-                ["mode", "prompts", "images/s", "ratio", "ratio (whole run)", "flow RSS MB", "flow->1st stage s",
-                 "exit after TERM s", "resume: flow->next image s"], rows)  # fmt: skip
-    if "rerun" in results:
-        r = results["rerun"]
-        print(f"\nrerun of a completed {r['items']}-item batch with one line appended: computed {r['computed']}, "
-              f"flow {r['rerun_flow_seconds']} s (command {r['rerun_command_seconds']} s)")  # fmt: skip
+    if rows:
+        print_table("Runs of any size (tiny model, 64x64, 1 step, batch 16)",
+                    ["mode", "prompts", "images/s", "ratio", "ratio (whole run)", "flow RSS MB", "flow->1st stage s",
+                     "exit after TERM s", "resume: flow->next image s"], rows)  # fmt: skip
+    for r in results.get("rerun", {}).get("reruns", []):
+        print(f"rerun of a completed {results['rerun']['items']}-item batch with one line appended: computed "
+              f"{r['computed']}, flow {r['flow_seconds']} s (command {r['command_seconds']} s)")  # fmt: skip
     write_json(args.json, "scale", results)
     return results
 
