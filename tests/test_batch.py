@@ -68,10 +68,11 @@ def test_appending_lines_keeps_the_ids_and_seeds_of_the_lines_above(tmp_path: Pa
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
 def test_a_share_from_item_k_on_is_the_files_items_from_k_on(tmp_path: Path, tiny_model: Path, fmt: str) -> None:
-    # blank lines, whitespace that only str.strip sees, a byte order mark, a CSV row over two lines
+    # blank lines, whitespace that only str.strip sees (ASCII too: \x1c-\x1f), a byte order mark, a CSV row over two
+    # lines
     prompts = ["a fox", "the same fox, again", "a \u3000wide\u3000 space", "ünïcödé", "a\nline break", "last"]
     if fmt == "txt":
-        text = "\ufeff\n" + "\n \t\n\u3000\u2003\n".join(p.replace("\n", " ") for p in prompts) + "\n\n"
+        text = "\ufeff\n" + "\n \t\n\u3000\u2003\n\x1c\x1f\n".join(p.replace("\n", " ") for p in prompts) + "\n\n"
     elif fmt == "jsonl":
         text = "\ufeff" + "\n\u3000\n".join(json.dumps({"prompt": p, "seed": i}) for i, p in enumerate(prompts)) + "\n"
     else:
