@@ -177,19 +177,20 @@ class Engine:
     on_listed: Callable[[list[Item], dict[int, dict[str, str]]], None] | None = None
     on_known: Callable[[list[Item]], None] | None = None
 
+    def key_arguments(self) -> dict[str, Any]:
+        """`item_keys`' arguments but the item's own: the one list that both `keys` and `key_context` pass, so
+        that a rerun's key shortcut can never miss one."""
+        return {"model": self.identity, "dtype": self.ctx.dtype, "tiled": self.tiled_decode,
+                "sliced": self.sliced_decode, "metadata": self.metadata, "named": self.ctx.model,
+                "levers": self.ctx.levers, "encode_levers": self.ctx.encode_levers}  # fmt: skip
+
     def keys(self, item: Item) -> dict[str, str]:
-        return item_keys(
-            self.identity, item.prompt, item.negative_prompt, item.seed, item.settings, self.ctx.dtype,
-            self.tiled_decode, self.sliced_decode, self.metadata, self.ctx.model, self.ctx.levers,
-            self.ctx.encode_levers,
-        )  # fmt: skip
+        return item_keys(prompt=item.prompt, negative_prompt=item.negative_prompt, seed=item.seed,
+                         settings=item.settings, **self.key_arguments())  # fmt: skip
 
     def key_context(self) -> str:
         """What `keys` depends on besides the item (see `keys.key_context`)."""
-        return key_context(
-            self.identity, self.ctx.dtype, self.tiled_decode, self.sliced_decode, self.metadata, self.ctx.model,
-            self.ctx.levers, self.ctx.encode_levers,
-        )  # fmt: skip
+        return key_context(**self.key_arguments())
 
     def keys_into(self, keys: dict[int, dict[str, str]], item: Item) -> dict[str, str]:
         """The item's keys, made once: kept in `keys`."""
@@ -302,7 +303,14 @@ class Engine:
         items = [item for item, _ in done]
         refs = {item.index: ref for item, ref in done}
         on_stored(
-            Stored("decode", items, {i.index: keys[i.index] for i in items}, refs, dict.fromkeys(refs, "reused"), True)
+            Stored(
+                "decode",
+                items,
+                {i.index: keys[i.index] for i in items},
+                refs,
+                dict.fromkeys(refs, "reused"),
+                whole=True,
+            )
         )
 
     def run_chunk(

@@ -79,12 +79,13 @@ class RunFolder:
 
     def start(self, engine: Engine | None, store: Store, total: int | None = None, **info: Any) -> int:
         self.engine, self.store, self.total = engine, store, total
-        if engine is not None:  # one process makes every key of the run: one context (a fan-out's may be many)
-            info["key_context"] = engine.key_context()
+        context = None if engine is None else engine.key_context()  # a fan-out's replicas may have many: none
+        if context is not None:
+            info["key_context"] = context
         run = self.record.start_run({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                      "status": "running", **info})  # fmt: skip
-        if engine is not None:
-            self.same_keys = {r["run"] for r in self.record.runs() if r.get("key_context") == info["key_context"]}
+        if context is not None:
+            self.same_keys = {r["run"] for r in self.record.runs() if r.get("key_context") == context}
         self.summary_base.update(status="running")
         self.summary_base.pop("error", None)
         self.save(force=True)
@@ -111,14 +112,15 @@ class RunFolder:
         row = self.ahead[2].pop(item_id, None)
         if row is None:  # not at its place of last time (or new): looked up alone
             row = self.record.image_row(item_id)
-        if row is None or not row[1] or row[2] not in ("done", "removed"):
+        if row is None:
             return False
-        image_key, _, _, _, seen, prompt, negative_prompt, seed, settings = row
+        image_key, sha, status, checked, seen, prompt, negative_prompt, seed, settings = row
+        if not sha or status not in ("done", "removed"):
+            return False
         same = (seen in self.same_keys and prompt == item.prompt and negative_prompt == item.negative_prompt
                 and seed == item.seed and settings == settings_json(item.settings))  # fmt: skip
         if not same and image_key != keys_of()["images"]:
             return False
-        sha, checked = row[1], row[3]
         path = self.folder / "images" / f"{item_id}.png"
         stat = file_stat(path)
         if stat is None or stat != checked:  # new, or changed since its sha256 was checked: check it again
