@@ -98,6 +98,18 @@ class Progress:
         self._update(force=False)
         self._log()
 
+    def gathered(self, stage: str, computed: int, images: int) -> None:
+        """A replica's journal segment, gathered: `computed` items of `stage` it computed (the rest it found
+        stored), `images` of the run's images."""
+        counts = self.stages[stage]
+        counts.total += computed
+        counts.done += computed
+        if counts.started is None and computed:
+            counts.started = time.monotonic()
+        self.images += images
+        self._update(force=False)
+        self._log()
+
     def stored(self, stage: str, index: int) -> None:
         """A stage process stored item `index` (each item is counted once per stage, whatever repeats)."""
         if (stage, index) in self.seen:
