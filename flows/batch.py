@@ -23,6 +23,7 @@ from stagediff.engine import Item
 from stagediff.flows.fanout import ReplicaFailed, failure, run_replicas, share_jobs
 from stagediff.flows.running import ended_status, heartbeats, refusals_are_final, register_root, run_name, start_engine
 from stagediff.flows.ui import run_artifacts
+from stagediff.isolation import warm_up
 from stagediff.progress import Progress
 from stagediff.record import is_old_format, read_summary
 from stagediff.replica import cpu_replicas, plan_replicas
@@ -65,10 +66,12 @@ def batch(
     #    anything is written; never retried)
     with refusals_are_final():
         fields = dict(prompts=["-"], run_id="batch", seed=seed, settings=settings, placement=placement)
-        validate_request(**fields, model=model or str(default_model_dir()), check_model=False)
-        check_batch(prompts_file, store, seed)
+        checked = validate_request(**fields, model=model or str(default_model_dir()), check_model=False)
         fan_out = replicas is not None or device_groups is not None or threads is not None
         groups = plan_replicas(replicas, device_groups, None, None, threads) if fan_out else None
+        # the stage forkserver imports torch and the model's classes while every line is checked
+        warm_up(checked.model, checked.placement.compile, cpu_replicas(groups), checked.placement.spinning)
+        check_batch(prompts_file, store, seed)
         request = validate_request(**fields, model=model or str(ensure_default_model()))
     store_dir = Path(store)
 

@@ -45,6 +45,7 @@ FORMATS = (".txt", ".jsonl", ".csv")
 MAX_PROBLEMS = 100  # a file's first bad cells, listed; the rest are counted
 _ID = re.compile(RUN_ID_PATTERN)
 _AUTO_ID = re.compile(r"^(\d{5,})-[0-9a-f]{8}$")
+_checked: dict[tuple, int] = {}  # check_batch: the file last checked in this process -> its item count
 
 
 @dataclass(frozen=True)
@@ -371,11 +372,25 @@ def read_batch_file(path: str | Path, seed: int) -> list[BatchItem]:
 
 def check_batch(prompts_file: str, store: str, seed: int) -> int:
     """The flow's and the CLI's check of what only `batch` takes, before anything loads or is written: the
-    store folder, the seed, then every line of the file; the item count, or RequestError / BatchFileError."""
+    store folder, the seed, then every line of the file; the item count, or RequestError / BatchFileError.
+
+    The file's lines are checked once per process while it is unchanged (same file, size and modification
+    time): the CLI's check serves the flow it runs. The flow checks every line again as it copies the file."""
     validate_request(check_model=False, prompts=["-"], model="-", run_id="batch", seed=seed)
     if Path(store).exists() and not Path(store).is_dir():
         raise RequestError("store", store, "must be a folder (or not exist yet)")
-    return check_batch_file(prompts_file, seed)[0]
+    try:
+        stat = Path(prompts_file).stat()
+        seen = (str(Path(prompts_file).resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, seed)
+    except OSError:
+        seen = None  # check_batch_file names the problem
+    if seen in _checked:
+        return _checked[seen]
+    count = check_batch_file(prompts_file, seed)[0]
+    if seen is not None:
+        _checked.clear()
+        _checked[seen] = count
+    return count
 
 
 @contextmanager

@@ -475,22 +475,28 @@ def cmd_batch(args: argparse.Namespace) -> int:
     )
     check_offload_dir(request)
     options = run_options_of(args)
-    device_groups = None
+    device_groups, groups = None, None
     if any(getattr(args, name) is not None for name in ("replicas", "device_groups", "threads")):
         from stagediff.replica import plan_replicas
 
         groups = plan_replicas(args.replicas, args.device_groups, None, None, args.threads)
         device_groups = [group["devices"] for group in groups] if args.device_groups is not None else None
+    from stagediff.isolation import stop_warm_up, warm_up
+    from stagediff.replica import cpu_replicas
+
+    # the stage forkserver imports torch while every line is checked and Prefect starts
+    warm_up(request.model, request.placement.compile, cpu_replicas(groups), request.placement.spinning)
     try:
         count = check_batch(args.prompts_file, args.store, args.seed)
     except BatchFileError as exc:
+        stop_warm_up()
         print(f"stagediff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     check_writable("store", args.store)
     check_store_folder(Path(args.store) / ".store")  # the artifacts of the batch folder
     from stagediff.prefect_api import choose_api
 
-    choose_api()  # the flow starts the stage forkserver itself
+    choose_api()
     from stagediff.flows.batch import batch
     from stagediff.flows.running import without_prefect_heartbeats
 
