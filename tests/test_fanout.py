@@ -179,16 +179,23 @@ def test_the_seeds_launchers_write_the_five_right_images_in_order(
 
 
 def test_a_batch_with_two_replicas_writes_every_line_s_image(
-    api, tiny_model: Path, expected: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+    api, tiny_model: Path, expected: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from stagediff.progress import Progress
+
     prompts_file, folder = tmp_path / "p.txt", tmp_path / "batch"
     prompts_file.write_text("".join(f"{p}\n" for p in PROMPTS))
     args = ["batch", str(prompts_file), "--store", str(folder), "--model", str(tiny_model), *ARGS, "--seed", "3"]
-    monkeypatch.setattr("stagediff.progress.LOG_SECONDS", 0.0)  # a progress line for every gathered segment
+    gathered, real = [], Progress.gathered
+
+    def spied(self: Progress, *args) -> None:  # the flow's progress after each replica segment it gathers
+        real(self, *args)
+        gathered.append((self.images, {stage: (c.done, c.total) for stage, c in self.stages.items()}))
+
+    monkeypatch.setattr(Progress, "gathered", spied)
     assert main([*args, "--replicas", "2"]) == 0
-    lines = [line.partition(" - ")[2] for line in capfd.readouterr().err.splitlines() if " - progress: " in line]
-    assert lines and "none yet" not in lines[-1]  # what the replicas computed, gathered from their journals
-    assert lines[-1].startswith("progress: 5/5 images (items computed: encode 5/5, denoise 5/5, decode 5/5)")
+    # what the replicas computed, from their journals: the progress line says it (it said "none yet")
+    assert gathered[-1] == (5, {"encode": (5, 5), "denoise": (5, 5), "decode": (5, 5)})
     summary = json.loads((folder / "batch.json").read_text())
     for entry, reference in zip(read_items(folder), expected, strict=True):
         np.testing.assert_array_equal(read_image(folder / entry["image"]), reference)
