@@ -37,7 +37,6 @@ from stagediff.flows.running import (
 )
 from stagediff.flows.ui import label_flow_run, model_tag, run_artifacts
 from stagediff.isolation import StageError, kill_isolated, run_isolated, warm_up
-from stagediff.jobs import KIND_OF_STAGE
 from stagediff.progress import Progress
 from stagediff.replica import ReplicaJob, cpu_replicas, plan_replicas, split
 from stagediff.request import (
@@ -52,7 +51,6 @@ from stagediff.request import (
 from stagediff.run_manifest import RunFolder, adopt_old_manifest, open_run, run_summary_base
 from stagediff.sources import Source
 
-STAGE_OF_KIND = {kind: stage for stage, kind in KIND_OF_STAGE.items()}
 GATHER_SECONDS = 1.0  # how often the replicas' journals are gathered while they run
 
 
@@ -124,11 +122,9 @@ def run_replicas(
             if not job.count:
                 continue
             while (data := store.read(name := f"{job.journal}/{cursors[job.replica]:08d}.json")) is not None:
-                segment = json.loads(data)
-                images = folder.replay(segment)
-                if progress is not None and "refs" in segment:
-                    computed = sum(made != "reused" for _, _, made in segment["refs"].values())
-                    progress.gathered(STAGE_OF_KIND[segment["kind"]], computed, images)
+                stored = folder.replay(json.loads(data))
+                if progress is not None and stored is not None:
+                    progress.gathered(*stored)
                 store.remove(name)
                 cursors[job.replica] += 1
 

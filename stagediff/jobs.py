@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 Kind = Literal["embeddings", "latents", "images"]
 # The one set of artifact kinds: what each stage writes, in stage order.
 KIND_OF_STAGE: dict[str, Kind] = {"encode": "embeddings", "denoise": "latents", "decode": "images"}
+STAGE_OF_KIND: dict[str, str] = {kind: stage for stage, kind in KIND_OF_STAGE.items()}
 STAGES = tuple(KIND_OF_STAGE)
 
 

@@ -101,11 +101,8 @@ class Progress:
     def gathered(self, stage: str, computed: int, images: int) -> None:
         """A replica's journal segment, gathered: `computed` items of `stage` it computed (the rest it found
         stored), `images` of the run's images."""
-        counts = self.stages[stage]
-        counts.total += computed
-        counts.done += computed
-        if counts.started is None and computed:
-            counts.started = time.monotonic()
+        self.todo(stage, computed)
+        self.stages[stage].done += computed
         self.images += images
         self._update(force=False)
         self._log()

@@ -22,7 +22,7 @@ from typing import Any
 import stagediff
 from stagediff.artifacts import ArtifactError, Store, verify_file
 from stagediff.engine import Engine, Item, Stored
-from stagediff.jobs import KIND_OF_STAGE
+from stagediff.jobs import KIND_OF_STAGE, STAGE_OF_KIND
 from stagediff.record import (
     FIRST_ITEMS,
     FORMAT,
@@ -170,14 +170,16 @@ class RunFolder:
                 self.ids.pop(index, None)
         self.save(force=kind == "images")
 
-    def replay(self, segment: dict[str, Any]) -> int:
-        """Apply one segment of a replica's journal (`replica.Journal`); returns the images it adds."""
+    def replay(self, segment: dict[str, Any]) -> tuple[str, int, int] | None:
+        """Apply one segment of a replica's journal (`replica.Journal`); for what a stage stored, returns the
+        stage, the items it computed (the rest it found stored) and the images it adds."""
         if "listed" in segment:
             self.listed_rows(segment["listed"])
-            return 0
+            return None
         refs = {int(i): tuple(ref) for i, ref in segment["refs"].items()}
         self.stored_refs(segment["kind"], refs, segment.get("whole", False))
-        return len(refs) if segment["kind"] == "images" else 0
+        computed = sum(made != "reused" for _, _, made in refs.values())
+        return STAGE_OF_KIND[segment["kind"]], computed, len(refs) if segment["kind"] == "images" else 0
 
     def on_process(self, stage: str, entry: dict[str, Any]) -> None:
         self.record.process(stage, entry)
