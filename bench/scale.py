@@ -6,8 +6,9 @@ prompts, as fresh commands against one Prefect server.
         [--complete-folder DIR] [--reruns 1] [--modes batch generate replicas]
 
 For each way to run: the small file runs to its end; each large one runs for the small run's time from its
-first image to its last (the same window: images/s at N against images/s at the small N), on for `--window`
-seconds in all, then is interrupted with SIGTERM (seconds to exit) and run again (seconds from the flow's
+first image to its end (the same window: images/s at N against images/s at the small N; a chunk's images land
+in one burst, so the rates are also counted from burst to burst within the window), on for `--window` seconds
+in all, then is interrupted with SIGTERM (seconds to exit) and run again (seconds from the flow's
 start to its next image). The flow process' peak RSS (VmHWM of the command, which runs the flow; stage
 processes are listed apart, from the summary) and the seconds from the flow's start to its first stage come
 from the same runs; the file's every line is checked before the first stage. `--complete N`: a batch of N
@@ -104,12 +105,15 @@ def run(cmd: list[str], images: Path, env: dict[str, str], stop_after: float | N
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     first = first_count = in_window = rss = at_stop = None
     stopped = exited = None
+    arrivals: list[tuple[float, int]] = []  # (seconds after the first new image, images) each time images landed
     while proc.poll() is None:
         time.sleep(0.2)
         now, n = time.time(), count(images)
         rss = peak_rss_mb(proc.pid) or rss
         if first is None and n > base:
             first, first_count = now, n
+        if first is not None and n > (arrivals[-1][1] if arrivals else base) and stopped is None:
+            arrivals.append((round(now - first, 2), n))
         if first is not None and window is not None and in_window is None and now - first >= window:
             in_window = n
         if first is not None and stop_after is not None and stopped is None and now - first >= stop_after:
@@ -145,8 +149,20 @@ def run(cmd: list[str], images: Path, env: dict[str, str], stop_after: float | N
         "first_image_to_sigterm_s": None if stopped is None or first is None else round(stopped - first, 2),
         "flow_peak_rss_mb": None if rss is None else round(rss, 1),
         "seconds_to_exit_after_sigterm": None if exited is None else round(exited, 2),
+        "arrivals": arrivals,
         "output_tail": lines[-3:],
     }
+
+
+def burst_rate(arrivals: list[tuple[float, int]], within: float | None = None) -> float | None:
+    """Images/s from the first images' arrival to the last arrival `within` seconds of it. A chunk's images land
+    together as its decode ends, so a window's end falls just after a burst or just before one by chance;
+    counted from burst to burst, a window holds whole chunks of work."""
+    inside = [(t, n) for t, n in arrivals if within is None or t <= within]
+    if len(inside) < 2:
+        return None
+    (t0, n0), (t1, n1) = inside[0], inside[-1]
+    return (n1 - n0) / (t1 - t0)
 
 
 def stage_rss(summary_path: Path) -> dict[str, float]:
@@ -166,7 +182,11 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
     done = run(cmd, images, env, None, None)
     span = done["first_to_last_image_s"]
     small_rate = (done["images_after"] - done["images_at_first"]) / span
-    rows[small] = {"run": done, "images_per_s": round(small_rate, 2), "window_s": span}
+    small_bursts = burst_rate(done["arrivals"])
+    bursts_span = done["arrivals"][-1][0]  # first arrival to last
+    rows[small] = {"run": done, "images_per_s": round(small_rate, 2), "window_s": span,
+                   "images_per_s_between_bursts": small_bursts and round(small_bursts, 2),
+                   "window_between_bursts_s": bursts_span}  # fmt: skip
     for n in sizes[1:]:
         folder = tmp / f"{mode}-{n}"
         folder.mkdir()
@@ -186,6 +206,11 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
                    "ratio_to_small": round(rate / small_rate, 3), "images_per_s_whole_window": round(whole, 2),
                    "ratio_to_small_whole_window": round(whole / small_rate, 3),
                    "stage_peak_rss_mb": stage_rss(summary)}  # fmt: skip
+        in_window, whole_run = burst_rate(first["arrivals"], bursts_span), burst_rate(first["arrivals"])
+        if small_bursts and in_window and whole_run:
+            rows[n].update({"images_per_s_between_bursts": round(in_window, 2),
+                            "ratio_between_bursts": round(in_window / small_bursts, 3),
+                            "ratio_between_bursts_whole_window": round(whole_run / small_bursts, 3)})  # fmt: skip
     return rows
 
 
@@ -237,16 +262,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mode in args.modes:
         for n, row in results[mode].items():
             if "error" in row:
-                rows.append([mode, n, "failed", "-", "-", "-", "-", "-", "-"])
+                rows.append([mode, n, "failed", *["-"] * 8])
                 continue
             resumed = row.get("resumed") or {}
             rows.append([mode, n, row["images_per_s"], row.get("ratio_to_small", 1.0),
-                         row.get("ratio_to_small_whole_window", "-"), row["run"]["flow_peak_rss_mb"],
+                         row.get("ratio_to_small_whole_window", "-"), row.get("ratio_between_bursts", "-"),
+                         row.get("ratio_between_bursts_whole_window", "-"), row["run"]["flow_peak_rss_mb"],
                          row["run"]["flow_to_first_stage_s"], row["run"]["seconds_to_exit_after_sigterm"] or "-",
                          resumed.get("flow_to_first_image_s") or "-"])  # fmt: skip
     if rows:
         print_table("Runs of any size (tiny model, 64x64, 1 step, batch 16)",
-                    ["mode", "prompts", "images/s", "ratio", "ratio (whole run)", "flow RSS MB", "flow->1st stage s",
+                    ["mode", "prompts", "images/s", "ratio", "ratio (whole run)", "ratio, burst to burst",
+                     "(whole run)", "flow RSS MB", "flow->1st stage s",
                      "exit after TERM s", "resume: flow->next image s"], rows)  # fmt: skip
     for r in results.get("rerun", {}).get("reruns", []):
         print(f"rerun of a completed {results['rerun']['items']}-item batch with one line appended: computed "
