@@ -3,7 +3,7 @@
 prompts, as fresh commands against one Prefect server.
 
     python -m bench.scale [--sizes 1000 100000 1000000] [--window 45] [--complete 100000] [--json PATH]
-        [--complete-folder DIR] [--reruns 1] [--modes batch generate replicas]
+        [--complete-folder DIR] [--reruns 1] [--rounds 0] [--modes batch generate replicas]
 
 For each way to run: the small file runs to its end; each large one runs for the small run's time from its
 first image to its end (the same window: images/s at N against images/s at the small N; a chunk's images land
@@ -15,7 +15,8 @@ from the same runs; the file's every line is checked before the first stage. `--
 lines run to its end, one line appended, run again (it must compute one item); `--complete-folder DIR`: that
 batch was already run to its end there (DIR/prompts-N.txt, DIR/batch), by the same command; `--reruns K`:
 appended and rerun K times (the first rerun after an upgrade may make every key again; see docs/benchmarks.md);
-`--modes` with no mode: the rerun alone.
+`--modes` with no mode: the rerun alone; `--rounds K`: K more rounds of the rates alone (the small file, then
+each large one for its window), their ratios and medians.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -214,6 +216,29 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
     return rows
 
 
+def rate_rounds(mode: str, sizes: list[int], rounds: int, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`rounds` more times, in turn: the small file to its end, then each large one (a fresh folder each) for the
+    small run's window; each round's ratios, and their medians. The host's speed drifts over minutes, which a
+    ratio of runs taken side by side, round after round, cancels."""
+    ratios: dict[int, dict[str, list[float]]] = {n: {"window": [], "bursts": []} for n in sizes[1:]}
+    for r in range(rounds):
+        folder = tmp / f"{mode}-round{r}-{sizes[0]}"
+        folder.mkdir()
+        done = run(*command(mode, prompts_file(tmp, sizes[0]), folder), env, None, None)
+        span, small_bursts = done["first_to_last_image_s"], burst_rate(done["arrivals"])
+        small_rate = (done["images_after"] - done["images_at_first"]) / span
+        for n in sizes[1:]:
+            folder = tmp / f"{mode}-round{r}-{n}"
+            folder.mkdir()
+            large = run(*command(mode, prompts_file(tmp, n), folder), env, stop_after=span, window=span)
+            images = (large["images_in_window"] or large["images_at_sigterm"]) - large["images_at_first"]
+            ratios[n]["window"].append(round(images / span / small_rate, 3))
+            bursts = burst_rate(large["arrivals"], done["arrivals"][-1][0])
+            if bursts and small_bursts:
+                ratios[n]["bursts"].append(round(bursts / small_bursts, 3))
+    return {n: {**r, **{f"median_{k}": statistics.median(v) for k, v in r.items() if v}} for n, r in ratios.items()}
+
+
 def bench_rerun(n: int, tmp: Path, env: dict[str, str], built: Path | None = None, times: int = 1) -> dict[str, Any]:
     """A batch of `n` lines run to its end (or `built`, a folder holding prompts-N.txt and the completed batch
     of `command`), then `times` times: one line appended, run again."""
@@ -246,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--complete", type=int, default=100_000, help="a batch run to its end, then rerun (0: skip)")
     parser.add_argument("--complete-folder", type=Path, help="a folder whose --complete batch has run to its end")
     parser.add_argument("--reruns", type=int, default=1, help="times the --complete batch is rerun, a line more each")
+    parser.add_argument("--rounds", type=int, default=0, help="more rounds of the rates alone, side by side")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="none: the rerun alone")
     parser.add_argument("--json", help="where to write the results (default: bench/results/scale.json)")
     parser.add_argument("--api-url", help="a Prefect API (default: $PREFECT_API_URL or a temporary server)")
@@ -256,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         env = {**os.environ, "PREFECT_API_URL": api_url}
         for mode in args.modes:
             results[mode] = bench_mode(mode, args.sizes, args.window, Path(tmp), env)
+            if args.rounds:
+                results[f"{mode}_rounds"] = rate_rounds(mode, args.sizes, args.rounds, Path(tmp), env)
         if args.complete:
             results["rerun"] = bench_rerun(args.complete, Path(tmp), env, args.complete_folder, args.reruns)
     rows = []
@@ -275,6 +303,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ["mode", "prompts", "images/s", "ratio", "ratio (whole run)", "ratio, burst to burst",
                      "(whole run)", "flow RSS MB", "flow->1st stage s",
                      "exit after TERM s", "resume: flow->next image s"], rows)  # fmt: skip
+    for mode in args.modes if args.rounds else []:
+        for n, r in results[f"{mode}_rounds"].items():
+            print(f"{mode} at {n}, {args.rounds} rounds: images/s ratio to {args.sizes[0]} over its window "
+                  f"{r['window']} (median {r.get('median_window')}), burst to burst {r['bursts']} "
+                  f"(median {r.get('median_bursts')})")  # fmt: skip
     for r in results.get("rerun", {}).get("reruns", []):
         print(f"rerun of a completed {results['rerun']['items']}-item batch with one line appended: computed "
               f"{r['computed']}, flow {r['flow_seconds']} s (command {r['command_seconds']} s)")  # fmt: skip
