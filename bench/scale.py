@@ -99,14 +99,24 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has spent itself, not its children."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(cmd: list[str], images: Path, env: dict[str, str], stop_after: float | None, window: float | None) -> dict:
     """Run a command, sampling its images; with `stop_after`, SIGTERM it that many seconds after its first new
     image. Returns when it ends: the samples, its log's times, its peak RSS, how long it took to exit."""
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 (closed below)
     start, base = time.time(), count(images)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    first = first_count = in_window = rss = at_stop = None
+    first = first_count = in_window = rss = at_stop = cpu_at_first = None
     stopped = exited = None
+    cpu_span: tuple[int, float] | None = None  # (images, the flow process' CPU seconds) since its first images
     arrivals: list[tuple[float, int]] = []  # (seconds after the first new image, images) each time images landed
     while proc.poll() is None:
         time.sleep(0.2)
@@ -114,6 +124,10 @@ def run(cmd: list[str], images: Path, env: dict[str, str], stop_after: float | N
         rss = peak_rss_mb(proc.pid) or rss
         if first is None and n > base:
             first, first_count = now, n
+            cpu_at_first = cpu_seconds(proc.pid)
+        if first is not None and stopped is None:  # the flow's CPU from its first images to its last sample
+            cpu_now = cpu_seconds(proc.pid)
+            cpu_span = (n - first_count, cpu_now - cpu_at_first) if cpu_now and cpu_at_first else cpu_span
         if first is not None and n > (arrivals[-1][1] if arrivals else base) and stopped is None:
             arrivals.append((round(now - first, 2), n))
         if first is not None and window is not None and in_window is None and now - first >= window:
@@ -152,6 +166,7 @@ def run(cmd: list[str], images: Path, env: dict[str, str], stop_after: float | N
         "flow_peak_rss_mb": None if rss is None else round(rss, 1),
         "seconds_to_exit_after_sigterm": None if exited is None else round(exited, 2),
         "arrivals": arrivals,
+        "flow_cpu_s_per_100_images": round(100 * cpu_span[1] / cpu_span[0], 3) if cpu_span and cpu_span[0] else None,
         "output_tail": lines[-3:],
     }
 
@@ -220,23 +235,28 @@ def rate_rounds(mode: str, sizes: list[int], rounds: int, tmp: Path, env: dict[s
     """`rounds` more times, in turn: the small file to its end, then each large one (a fresh folder each) for the
     small run's window; each round's ratios, and their medians. The host's speed drifts over minutes, which a
     ratio of runs taken side by side, round after round, cancels."""
-    ratios: dict[int, dict[str, list[float]]] = {n: {"window": [], "bursts": []} for n in sizes[1:]}
+    ratios: dict[int, dict[str, list[float]]] = {n: {"window": [], "bursts": [], "flow_cpu": []} for n in sizes}
     for r in range(rounds):
         folder = tmp / f"{mode}-round{r}-{sizes[0]}"
         folder.mkdir()
         done = run(*command(mode, prompts_file(tmp, sizes[0]), folder), env, None, None)
         span, small_bursts = done["first_to_last_image_s"], burst_rate(done["arrivals"])
         small_rate = (done["images_after"] - done["images_at_first"]) / span
+        ratios[sizes[0]]["flow_cpu"].append(done["flow_cpu_s_per_100_images"])
         for n in sizes[1:]:
             folder = tmp / f"{mode}-round{r}-{n}"
             folder.mkdir()
             large = run(*command(mode, prompts_file(tmp, n), folder), env, stop_after=span, window=span)
             images = (large["images_in_window"] or large["images_at_sigterm"]) - large["images_at_first"]
             ratios[n]["window"].append(round(images / span / small_rate, 3))
+            ratios[n]["flow_cpu"].append(large["flow_cpu_s_per_100_images"])
             bursts = burst_rate(large["arrivals"], done["arrivals"][-1][0])
             if bursts and small_bursts:
                 ratios[n]["bursts"].append(round(bursts / small_bursts, 3))
-    return {n: {**r, **{f"median_{k}": statistics.median(v) for k, v in r.items() if v}} for n, r in ratios.items()}
+    return {
+        n: {**r, **{f"median_{k}": statistics.median(x for x in v if x is not None) for k, v in r.items() if any(v)}}
+        for n, r in ratios.items()
+    }
 
 
 def bench_rerun(n: int, tmp: Path, env: dict[str, str], built: Path | None = None, times: int = 1) -> dict[str, Any]:
@@ -290,24 +310,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mode in args.modes:
         for n, row in results[mode].items():
             if "error" in row:
-                rows.append([mode, n, "failed", *["-"] * 8])
+                rows.append([mode, n, "failed", *["-"] * 9])
                 continue
             resumed = row.get("resumed") or {}
             rows.append([mode, n, row["images_per_s"], row.get("ratio_to_small", 1.0),
                          row.get("ratio_to_small_whole_window", "-"), row.get("ratio_between_bursts", "-"),
-                         row.get("ratio_between_bursts_whole_window", "-"), row["run"]["flow_peak_rss_mb"],
+                         row.get("ratio_between_bursts_whole_window", "-"), row["run"]["flow_cpu_s_per_100_images"],
+                         row["run"]["flow_peak_rss_mb"],
                          row["run"]["flow_to_first_stage_s"], row["run"]["seconds_to_exit_after_sigterm"] or "-",
                          resumed.get("flow_to_first_image_s") or "-"])  # fmt: skip
     if rows:
         print_table("Runs of any size (tiny model, 64x64, 1 step, batch 16)",
                     ["mode", "prompts", "images/s", "ratio", "ratio (whole run)", "ratio, burst to burst",
-                     "(whole run)", "flow RSS MB", "flow->1st stage s",
+                     "(whole run)", "flow CPU s/100 images", "flow RSS MB", "flow->1st stage s",
                      "exit after TERM s", "resume: flow->next image s"], rows)  # fmt: skip
     for mode in args.modes if args.rounds else []:
         for n, r in results[f"{mode}_rounds"].items():
             print(f"{mode} at {n}, {args.rounds} rounds: images/s ratio to {args.sizes[0]} over its window "
                   f"{r['window']} (median {r.get('median_window')}), burst to burst {r['bursts']} "
-                  f"(median {r.get('median_bursts')})")  # fmt: skip
+                  f"(median {r.get('median_bursts')}); flow CPU s per 100 images {r['flow_cpu']}")  # fmt: skip
     for r in results.get("rerun", {}).get("reruns", []):
         print(f"rerun of a completed {results['rerun']['items']}-item batch with one line appended: computed "
               f"{r['computed']}, flow {r['flow_seconds']} s (command {r['command_seconds']} s)")  # fmt: skip
