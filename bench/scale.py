@@ -182,6 +182,19 @@ def burst_rate(arrivals: list[tuple[float, int]], within: float | None = None) -
     return (n1 - n0) / (t1 - t0)
 
 
+def small_rates(small: dict) -> tuple[float, float | None]:
+    """The small run's images/s from its first images to its end, and from burst to burst."""
+    rate = (small["images_after"] - small["images_at_first"]) / small["first_to_last_image_s"]
+    return rate, burst_rate(small["arrivals"])
+
+
+def window_rates(large: dict, small: dict) -> tuple[float, float | None]:
+    """A large run's images/s over the small run's window (its first images to its end), and from burst to
+    burst within the small run's first and last bursts' span."""
+    images = (large["images_in_window"] or large["images_after"]) - large["images_at_first"]
+    return images / small["first_to_last_image_s"], burst_rate(large["arrivals"], small["arrivals"][-1][0])
+
+
 def stage_rss(summary_path: Path) -> dict[str, float]:
     try:
         summary = json.loads(summary_path.read_text())
@@ -197,13 +210,10 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
     folder.mkdir()
     cmd, images = command(mode, prompts_file(tmp, small), folder)
     done = run(cmd, images, env, None, None)
-    span = done["first_to_last_image_s"]
-    small_rate = (done["images_after"] - done["images_at_first"]) / span
-    small_bursts = burst_rate(done["arrivals"])
-    bursts_span = done["arrivals"][-1][0]  # first arrival to last
+    span, (small_rate, small_bursts) = done["first_to_last_image_s"], small_rates(done)
     rows[small] = {"run": done, "images_per_s": round(small_rate, 2), "window_s": span,
                    "images_per_s_between_bursts": small_bursts and round(small_bursts, 2),
-                   "window_between_bursts_s": bursts_span}  # fmt: skip
+                   "window_between_bursts_s": done["arrivals"][-1][0]}  # fmt: skip
     for n in sizes[1:]:
         folder = tmp / f"{mode}-{n}"
         folder.mkdir()
@@ -214,7 +224,7 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
         except RuntimeError as exc:  # reported in the results, the other runs go on
             rows[n] = {"error": str(exc)[-2000:]}
             continue
-        rate = ((first["images_in_window"] or first["images_after"]) - first["images_at_first"]) / span
+        rate, in_window = window_rates(first, done)
         summary = folder / ("out/r/manifest.json" if mode == "generate" else "batch/batch.json")
         # and over the whole time it ran (--window): chunks deliver their images in bursts, which a short window
         # catches or misses
@@ -223,7 +233,7 @@ def bench_mode(mode: str, sizes: list[int], window: float, tmp: Path, env: dict[
                    "ratio_to_small": round(rate / small_rate, 3), "images_per_s_whole_window": round(whole, 2),
                    "ratio_to_small_whole_window": round(whole / small_rate, 3),
                    "stage_peak_rss_mb": stage_rss(summary)}  # fmt: skip
-        in_window, whole_run = burst_rate(first["arrivals"], bursts_span), burst_rate(first["arrivals"])
+        whole_run = burst_rate(first["arrivals"])
         if small_bursts and in_window and whole_run:
             rows[n].update({"images_per_s_between_bursts": round(in_window, 2),
                             "ratio_between_bursts": round(in_window / small_bursts, 3),
@@ -240,17 +250,15 @@ def rate_rounds(mode: str, sizes: list[int], rounds: int, tmp: Path, env: dict[s
         folder = tmp / f"{mode}-round{r}-{sizes[0]}"
         folder.mkdir()
         done = run(*command(mode, prompts_file(tmp, sizes[0]), folder), env, None, None)
-        span, small_bursts = done["first_to_last_image_s"], burst_rate(done["arrivals"])
-        small_rate = (done["images_after"] - done["images_at_first"]) / span
+        span, (small_rate, small_bursts) = done["first_to_last_image_s"], small_rates(done)
         ratios[sizes[0]]["flow_cpu"].append(done["flow_cpu_s_per_100_images"])
         for n in sizes[1:]:
             folder = tmp / f"{mode}-round{r}-{n}"
             folder.mkdir()
             large = run(*command(mode, prompts_file(tmp, n), folder), env, stop_after=span, window=span)
-            images = (large["images_in_window"] or large["images_at_sigterm"]) - large["images_at_first"]
-            ratios[n]["window"].append(round(images / span / small_rate, 3))
+            rate, bursts = window_rates(large, done)
+            ratios[n]["window"].append(round(rate / small_rate, 3))
             ratios[n]["flow_cpu"].append(large["flow_cpu_s_per_100_images"])
-            bursts = burst_rate(large["arrivals"], done["arrivals"][-1][0])
             if bursts and small_bursts:
                 ratios[n]["bursts"].append(round(bursts / small_bursts, 3))
     return {
