@@ -113,6 +113,13 @@ def test_console_script_exits_2_before_importing_torch(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_python_dash_m_is_the_same_command(tmp_path: Path) -> None:
+    args = ["generate", *GOOD, "--height", "65", "--out", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-m", "stagediff", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("stagediff: error: invalid height=65")
+
+
 def test_prefect_api_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stagediff import prefect_api
 
