@@ -60,6 +60,8 @@ class TinySD3Config:
     attention_head_dim: int = 8  # 64
     attention_heads: int = 4  # 24
     patch_size: int = 2
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5 medium: 0-12 (MMDiT-X: a second self-attention)
+    qk_norm: str | None = None  # SD3.5: "rms_norm"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class TinySD15Config:
     attention_head_dim: int = 4  # SD 1.5: 8
     vae_channels: tuple[int, ...] = (8, 8, 16, 16)  # vae_scale_factor 8
     scheduler: str = "pndm"  # SD 1.5 ships PNDM; "ddim" and "euler" are common swaps
+    prediction_type: str = "epsilon"  # SD 2.x 768: "v_prediction"
+    use_linear_projection: bool = False  # SD 2.x: True
+    upcast_attention: bool = False  # SD 2.1: True
     safety_checker: str | None = None  # None (many fine-tunes), "pass" (flags nothing) or "flag-all" (blacks out all)
 
 
@@ -177,11 +182,12 @@ def _vae(channels: tuple[int, ...], latent_channels: int, **config):
     )
 
 
-def _sd_scheduler(kind: str):
+def _sd_scheduler(kind: str, prediction_type: str = "epsilon"):
     """The DDPM-family schedulers of SD 1.5 and SDXL, with their released configs."""
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  prediction_type=prediction_type)  # fmt: skip
     if kind == "pndm":  # SD 1.5
         return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     if kind == "ddim":
@@ -274,6 +280,8 @@ def build_sd3_components(config: TinySD3Config) -> dict:
         caption_projection_dim=inner,
         pooled_projection_dim=config.clip_hidden + config.clip_2_hidden,
         pos_embed_max_size=32,
+        dual_attention_layers=config.dual_attention_layers,
+        qk_norm=config.qk_norm,
     )
     torch.manual_seed(config.seed + 4)
     vae = _vae(  # SD3 VAE values
@@ -368,13 +376,15 @@ def build_sd15_components(config: TinySD15Config) -> dict:
         attention_head_dim=config.attention_head_dim,
         norm_num_groups=min(config.unet_channels),
         cross_attention_dim=config.clip_hidden,
+        use_linear_projection=config.use_linear_projection,
+        upcast_attention=config.upcast_attention,
     )
     torch.manual_seed(config.seed + 2)
     vae = _vae(config.vae_channels, 4, scaling_factor=0.18215)  # SD 1.5 VAE values
     torch.manual_seed(config.seed + 3)
     safety_checker, feature_extractor = _safety_checker(config.safety_checker)
     return dict(
-        scheduler=_sd_scheduler(config.scheduler),
+        scheduler=_sd_scheduler(config.scheduler, config.prediction_type),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -54,6 +54,9 @@ SHAPES = {
             attention_heads=2,
             patch_size=1,
         ),
+        "sd35": TinySD3Config(  # SD3.5 medium's MMDiT-X: a second attention in the first blocks, RMS-normed q and k
+            seed=2, transformer_layers=2, dual_attention_layers=(0,), qk_norm="rms_norm"
+        ),
     },
     "sdxl": {
         "default": TinySDXLConfig(),
@@ -72,6 +75,9 @@ SHAPES = {
         "default": TinySD15Config(),
         "deep": TinySD15Config(
             seed=1, clip_hidden=48, unet_channels=(16, 32, 32), attention_head_dim=2, scheduler="ddim"
+        ),
+        "sd2": TinySD15Config(  # SD 2.1 768's shape in a StableDiffusionPipeline
+            seed=2, scheduler="ddim", prediction_type="v_prediction", use_linear_projection=True, upcast_attention=True
         ),
     },
 }
