@@ -39,7 +39,8 @@ ctx = StageContext(manifest["model"], str(run_dir), store, manifest["dtype"], ba
 from stagediff.record import Record
 items = list(Record(run_dir / "record.db", "run").items())  # the killed run's items, from its record
 todo = [i for i in items if Store(store).check("latents", i["keys"]["latents"]) is None]
-settings = DenoiseSettings(**manifest["settings"])
+settings = DenoiseSettings(**{k: tuple(v) if isinstance(v, list) else v  # JSON gives lists for tuples
+                              for k, v in manifest["settings"].items()})
 denoise(DenoiseJob(ctx, [DenoiseItem(i["index"], ItemRef(i["index"], "embeddings", i["keys"]["embeddings"], ""),
                                      i["seed"], settings, i["keys"]["latents"]) for i in todo]))
 decode(DecodeJob(ctx, [DecodeItem(i["index"], ItemRef(i["index"], "latents", i["keys"]["latents"], ""), 128, 128,
