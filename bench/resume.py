@@ -31,7 +31,8 @@ REMAINING_SCRIPT = """
 import json, sys
 from pathlib import Path
 from stagediff.artifacts import Store
-from stagediff.jobs import DecodeItem, DecodeJob, DenoiseItem, DenoiseJob, DenoiseSettings, ItemRef, StageContext
+from stagediff.jobs import DecodeItem, DecodeJob, DenoiseItem, DenoiseJob, ItemRef, StageContext
+from stagediff.request import ImageSettings, resolve_settings
 from stagediff.stages import decode, denoise
 run_dir, store = Path(sys.argv[1]), sys.argv[2]
 manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -39,8 +40,7 @@ ctx = StageContext(manifest["model"], str(run_dir), store, manifest["dtype"], ba
 from stagediff.record import Record
 items = list(Record(run_dir / "record.db", "run").items())  # the killed run's items, from its record
 todo = [i for i in items if Store(store).check("latents", i["keys"]["latents"]) is None]
-settings = DenoiseSettings(**{k: tuple(v) if isinstance(v, list) else v  # JSON gives lists for tuples
-                              for k, v in manifest["settings"].items()})
+settings = resolve_settings(ImageSettings.model_validate(manifest["request"]["settings"]), manifest["model"])
 denoise(DenoiseJob(ctx, [DenoiseItem(i["index"], ItemRef(i["index"], "embeddings", i["keys"]["embeddings"], ""),
                                      i["seed"], settings, i["keys"]["latents"]) for i in todo]))
 decode(DecodeJob(ctx, [DecodeItem(i["index"], ItemRef(i["index"], "latents", i["keys"]["latents"], ""), 128, 128,
