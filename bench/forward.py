@@ -90,11 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
         seconds = [float(t) for t in out[: args.calls]]
         run = {"mode": mode, "seconds": seconds, "median_after_first": median(seconds[1:])}
-        if args.profile:
-            run["profiled_seconds"] = dict(zip(["matmul", "attention", "rest"], map(float, out[-3:]), strict=True))
         runs.append(run)
         if args.profile:
             matmul, attention, rest = map(float, out[-3:])
+            run["profiled_seconds"] = {"matmul": matmul, "attention": attention, "rest": rest}
             total = matmul + attention + rest
             shares = [f"{t:.2f} ({t / total:.0%})" for t in (matmul, attention, rest)]
             out = [*out[:-3], *shares, f"{total / (matmul + attention):.2f}x"]
