@@ -92,6 +92,44 @@ def test_compile_with_pipeline_stages_is_refused_in_one_line(tmp_path: Path) -> 
     ]
 
 
+@pytest.mark.parametrize("offload", ["block", "leaf"])
+def test_compile_with_group_offload_compiles_the_blocks_in_pieces_and_runs(
+    tiny_model: Path, tmp_path: Path, offload: str
+) -> None:
+    """diffusers' group offloading hooks are compiler-disabled: a whole-graph block could not call them. Onloaded
+    to the CPU here (the stage onloads to the GPU, which CI lacks), the same hooks and the stage's compile."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from stagediff.jobs import StageContext
+    from stagediff.stages.compiled import compile_blocks
+    from stagediff.stages.denoise import whole_graphs
+
+    ctx = StageContext(str(tiny_model), str(tmp_path), str(tmp_path / "store"), "float32", compile=True,
+                       group_offload=offload)  # fmt: skip
+    assert not whole_graphs(ctx, {"": "cpu"})
+    assert whole_graphs(
+        StageContext(str(tiny_model), str(tmp_path), str(tmp_path), "float32", compile=True), {"": "cpu"}
+    )
+    denoiser = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    config, cpu = denoiser.config, torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 8, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([0.5]), "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3),
+        "guidance": torch.tensor([3.5]) if config.guidance_embeds else None,
+    }  # fmt: skip
+    with torch.no_grad():
+        exact = denoiser(**inputs).sample
+        denoiser.enable_group_offload(cpu, offload_device=cpu, offload_type=f"{offload}_level",
+                                      num_blocks_per_group=1 if offload == "block" else None)  # fmt: skip
+        assert compile_blocks(denoiser, fullgraph=whole_graphs(ctx, {"": "cpu"})) > 0
+        compiled = denoiser(**inputs).sample
+    torch.testing.assert_close(compiled, exact, rtol=1e-4, atol=1e-5)
+
+
 def cache_config(name: str):
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
     from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS

@@ -71,6 +71,14 @@ def load_denoiser(ctx: StageContext):
     return pipe, device_map_of(denoiser) or {"": str(denoiser.device)}
 
 
+def whole_graphs(ctx: StageContext, device_map: dict[str, int | str]) -> bool:
+    """Whether `--compile` can compile each block as one graph (`fullgraph=True`). Offload hooks (accelerate's
+    for blocks in CPU memory or on disk, diffusers' group offloading, whose hooks the compiler must not trace) and
+    a block cache's skip decisions (data-dependent) break graphs: the blocks are then compiled in pieces."""
+    offloaded = accelerator_count() > 0 and {"cpu", "disk"} & {str(d) for d in device_map.values()}
+    return not (offloaded or ctx.group_offload or ctx.cache)
+
+
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
 def denoise(job: DenoiseJob) -> StageResult:
     """Denoise the items whose latents the store lacks, in batches of one setting; store each under its key."""
@@ -86,9 +94,7 @@ def denoise(job: DenoiseJob) -> StageResult:
         pipe, device_map = load_denoiser(ctx)
         if ctx.compile:
             compiled.append(CompileCache(ctx, store))
-            offloaded = accelerator_count() > 0 and {"cpu", "disk"} & {str(d) for d in device_map.values()}
-            # offload hooks and a block cache's skip decisions (data-dependent) break graphs: compiled in pieces
-            compile_blocks(getattr(pipe, family.denoiser), fullgraph=not offloaded and not ctx.cache)
+            compile_blocks(getattr(pipe, family.denoiser), fullgraph=whole_graphs(ctx, device_map))
         return pipe, device_map
 
     models = Loaded(load, result, "denoise")
