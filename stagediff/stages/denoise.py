@@ -71,12 +71,12 @@ def load_denoiser(ctx: StageContext):
     return pipe, device_map_of(denoiser) or {"": str(denoiser.device)}
 
 
-def whole_graphs(ctx: StageContext, device_map: dict[str, int | str]) -> bool:
-    """Whether `--compile` can compile each block as one graph (`fullgraph=True`). Offload hooks (accelerate's
-    for blocks in CPU memory or on disk, diffusers' group offloading, whose hooks the compiler must not trace) and
-    a block cache's skip decisions (data-dependent) break graphs: the blocks are then compiled in pieces."""
-    offloaded = accelerator_count() > 0 and {"cpu", "disk"} & {str(d) for d in device_map.values()}
-    return not (offloaded or ctx.group_offload or ctx.cache)
+def whole_graphs(ctx: StageContext, denoiser: torch.nn.Module) -> bool:
+    """Whether `--compile` can compile each block as one graph (`fullgraph=True`). The compiler must not trace
+    offload hooks (accelerate's, for blocks in CPU memory, on disk or over several GPUs; diffusers' group
+    offloading), and a block cache's skip decisions are data-dependent: the blocks are then compiled in pieces."""
+    hooked = any(hasattr(module, "_hf_hook") for module in denoiser.modules())
+    return not (hooked or ctx.group_offload or ctx.cache)
 
 
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
@@ -94,7 +94,8 @@ def denoise(job: DenoiseJob) -> StageResult:
         pipe, device_map = load_denoiser(ctx)
         if ctx.compile:
             compiled.append(CompileCache(ctx, store))
-            compile_blocks(getattr(pipe, family.denoiser), fullgraph=whole_graphs(ctx, device_map))
+            denoiser = getattr(pipe, family.denoiser)
+            compile_blocks(denoiser, fullgraph=whole_graphs(ctx, denoiser))
         return pipe, device_map
 
     models = Loaded(load, result, "denoise")
