@@ -36,6 +36,8 @@ LEVERS = {
     "compile": ["--compile"],
     "first-block": ["--cache", "first-block"],
     "taylorseer": ["--cache", "taylorseer"],
+    "magcache": ["--cache", "magcache"],
+    "magcache+compile": ["--cache", "magcache", "--compile"],
     "int8-weight": ["--quantize", "int8-weight"],
     "int8": ["--quantize", "int8"],
     "int8+compile": ["--quantize", "int8", "--compile"],
@@ -59,8 +61,11 @@ if "first-block" in lever:
     pipe.transformer.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.05))
 if "taylorseer" in lever:
     pipe.transformer.enable_cache(diffusers.TaylorSeerCacheConfig())
+if "magcache" in lever:
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+    pipe.transformer.enable_cache(diffusers.MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps))
 if "compile" in lever:
-    cached = "first-block" in lever or "taylorseer" in lever  # a cache's skip decisions break the graph
+    cached = {"first-block", "taylorseer", "magcache"} & set(lever)  # a cache's skip decisions break the graph
     pipe.transformer.compile_repeated_blocks(fullgraph=not cached)
 """
 # the throughput benchmark's plain diffusers loop, each lever applied by hand before it

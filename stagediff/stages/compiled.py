@@ -55,17 +55,32 @@ def compile_key(ctx: StageContext) -> str:
     })  # fmt: skip
 
 
-def compile_blocks(denoiser: torch.nn.Module, fullgraph: bool = True) -> int:
+def compile_blocks(denoiser: torch.nn.Module, fullgraph: bool = True, own_forward: bool = False) -> int:
     """Compile each repeated block of `denoiser` in place (as `compile_repeated_blocks(fullgraph=True)` does),
-    static shapes; returns how many. ValueError when the class has no repeated blocks."""
+    static shapes; returns how many. `own_forward`: compile each block's `forward` rather than its call, so that
+    hooks registered later wrap compiled code. ValueError when the class has no repeated blocks."""
     names = getattr(denoiser, "_repeated_blocks", None) or REPEATED_BLOCKS.get(type(denoiser).__name__)
     if not names:
         raise ValueError(f"{type(denoiser).__name__} declares no repeated blocks to compile")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     blocks = [module for module in denoiser.modules() if type(module).__name__ in names]
     for block in blocks:
-        block.compile(fullgraph=fullgraph, dynamic=False)
+        if own_forward:
+            block.forward = torch.compile(block.forward, fullgraph=fullgraph, dynamic=False)
+        else:
+            block.compile(fullgraph=fullgraph, dynamic=False)
     return len(blocks)
+
+
+def compile_denoiser(ctx: StageContext, denoiser: torch.nn.Module) -> int:
+    """`--compile` of the loaded denoiser's blocks; returns how many. The compiler must not trace offload hooks
+    (accelerate's, for blocks in CPU memory, on disk or over several GPUs; diffusers' group offloading): hooked
+    blocks are compiled in pieces around them. The block caches' hooks come later, compiler-disabled in part: on
+    the blocks (MagCache's: a compiled call of the block would run it all eagerly), or inside them (TaylorSeer's):
+    each block's own forward is compiled, in pieces, and the hooks call it."""
+    if ctx.group_offload or any(hasattr(module, "_hf_hook") for module in denoiser.modules()):
+        return compile_blocks(denoiser, fullgraph=False)
+    return compile_blocks(denoiser, fullgraph=ctx.cache is None, own_forward=ctx.cache is not None)
 
 
 class CompileCache:

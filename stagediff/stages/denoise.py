@@ -11,7 +11,7 @@ import torch
 from stagediff.artifacts import Store
 from stagediff.family import family_for, vae_scale_factor
 from stagediff.jobs import DenoiseItem, DenoiseJob, ItemRef, StageContext, StageResult
-from stagediff.stages.compiled import CompileCache, compile_blocks, shape_of
+from stagediff.stages.compiled import CompileCache, compile_denoiser, shape_of
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count, device_map_of, torch_dtype
 from stagediff.stages.loading import empty_denoiser, load_denoiser_model, load_pipeline
 from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
@@ -71,14 +71,6 @@ def load_denoiser(ctx: StageContext):
     return pipe, device_map_of(denoiser) or {"": str(denoiser.device)}
 
 
-def whole_graphs(ctx: StageContext, denoiser: torch.nn.Module) -> bool:
-    """Whether `--compile` can compile each block as one graph (`fullgraph=True`). The compiler must not trace
-    offload hooks (accelerate's, for blocks in CPU memory, on disk or over several GPUs; diffusers' group
-    offloading), and a block cache's skip decisions are data-dependent: the blocks are then compiled in pieces."""
-    hooked = any(hasattr(module, "_hf_hook") for module in denoiser.modules())
-    return not (hooked or ctx.group_offload or ctx.cache)
-
-
 @torch.no_grad()  # as the pipelines; inference_mode would change float16 CPU kernels
 def denoise(job: DenoiseJob) -> StageResult:
     """Denoise the items whose latents the store lacks, in batches of one setting; store each under its key."""
@@ -94,8 +86,7 @@ def denoise(job: DenoiseJob) -> StageResult:
         pipe, device_map = load_denoiser(ctx)
         if ctx.compile:
             compiled.append(CompileCache(ctx, store))
-            denoiser = getattr(pipe, family.denoiser)
-            compile_blocks(denoiser, fullgraph=whole_graphs(ctx, denoiser))
+            compile_denoiser(ctx, getattr(pipe, family.denoiser))
         return pipe, device_map
 
     models = Loaded(load, result, "denoise")
