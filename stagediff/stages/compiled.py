@@ -5,8 +5,9 @@ machine that has not compiled yet (80 s for the benchmarks' transformer on this 
 (FX graphs, AOTAutograd entries and the built kernels: `TORCHINDUCTOR_CACHE_DIR`) is kept per compile key on
 the machine, and as an artifact of the store: the next stage process, the next run, every replica and a pool
 worker on another machine start from it. The key names what the code depends on: the denoiser's weights and
-config, dtype, batch size, torch, diffusers and Python versions, and the device kind (GPU model or CPU ISA);
-inductor checks its own finer keys (shapes, guards) as it loads, so a stale entry is recompiled, never run.
+config, how its blocks are compiled, dtype, batch size, torch, diffusers and Python versions, and the device
+kind (GPU model or CPU ISA); inductor checks its own finer keys (shapes, guards) as it loads, so a stale entry
+is recompiled, never run.
 
 The cache holds code that the stage runs: a store's writers are trusted with it as with the store's artifacts.
 """
@@ -41,15 +42,15 @@ def device_kind() -> str:
     return f"cpu:{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}"
 
 
-def compile_key(ctx: StageContext) -> str:
-    """The store key of the compiled code of this denoiser, as this process would compile it."""
+def compile_key(ctx: StageContext, mode: str) -> str:
+    """The store key of the compiled code of this denoiser, as this process would compile it (`compile_mode`)."""
     import diffusers
 
     from stagediff.keys import digest, model_identity
 
     identity = model_identity(ctx.model, ctx.variant)
     return digest({
-        "kind": "compiled", "v": 1, "pipeline": identity.pipeline, "denoiser": identity.denoiser,
+        "kind": "compiled", "v": 2, "mode": mode, "pipeline": identity.pipeline, "denoiser": identity.denoiser,
         "dtype": ctx.dtype, "levers": ctx.levers, "batch_size": ctx.batch_size, "torch": torch.__version__,
         "diffusers": diffusers.__version__, "python": list(sys.version_info[:2]), "device": device_kind(),
     })  # fmt: skip
@@ -72,25 +73,31 @@ def compile_blocks(denoiser: torch.nn.Module, fullgraph: bool = True, own_forwar
     return len(blocks)
 
 
-def compile_denoiser(ctx: StageContext, denoiser: torch.nn.Module) -> int:
-    """`--compile` of the loaded denoiser's blocks; returns how many. The compiler must not trace offload hooks
-    (accelerate's, for blocks in CPU memory, on disk or over several GPUs; diffusers' group offloading): hooked
-    blocks are compiled in pieces around them. The block caches' hooks come later, compiler-disabled in part: on
-    the blocks (MagCache's: a compiled call of the block would run it all eagerly), or inside them (TaylorSeer's):
-    each block's own forward is compiled, in pieces, and the hooks call it."""
+def compile_mode(ctx: StageContext, denoiser: torch.nn.Module) -> str:
+    """How `--compile` compiles the loaded denoiser's blocks (each way compiles other graphs: part of the key).
+    The compiler must not trace offload hooks (accelerate's, for blocks in CPU memory, on disk or over several
+    GPUs; diffusers' group offloading): hooked blocks are compiled in "pieces" around them. The block caches'
+    hooks come later, compiler-disabled in part: on the blocks (MagCache's: a compiled call of the block would run
+    it all eagerly), or inside them (TaylorSeer's): each block's own "forward" is compiled, in pieces, and the
+    hooks call it. Otherwise each block is compiled "whole", as `compile_repeated_blocks(fullgraph=True)` does."""
     if ctx.group_offload or any(hasattr(module, "_hf_hook") for module in denoiser.modules()):
-        return compile_blocks(denoiser, fullgraph=False)
-    return compile_blocks(denoiser, fullgraph=ctx.cache is None, own_forward=ctx.cache is not None)
+        return "pieces"
+    return "forward" if ctx.cache else "whole"
+
+
+def compile_denoiser(denoiser: torch.nn.Module, mode: str) -> int:
+    """Compile the denoiser's blocks the `compile_mode` way; returns how many."""
+    return compile_blocks(denoiser, fullgraph=mode == "whole", own_forward=mode == "forward")
 
 
 class CompileCache:
     """This process's inductor cache folder for `ctx`'s denoiser: taken from the machine's folder for the key,
     else from the store; after the stage, given to the store if the store lacks it."""
 
-    def __init__(self, ctx: StageContext, store: Store) -> None:
+    def __init__(self, ctx: StageContext, store: Store, mode: str) -> None:
         from stagediff.default_model import cache_dir
 
-        self.ctx, self.store, self.key = ctx, store, compile_key(ctx)
+        self.ctx, self.store, self.key = ctx, store, compile_key(ctx, mode)
         self.folder = cache_dir() / "compiled" / self.key
         self.info: dict[str, Any] = {"key": self.key, "from": "machine" if self.folder.exists() else "compiled"}
         if not self.folder.exists() and self._fetch():

@@ -11,7 +11,7 @@ import torch
 from stagediff.artifacts import Store
 from stagediff.family import family_for, vae_scale_factor
 from stagediff.jobs import DenoiseItem, DenoiseJob, ItemRef, StageContext, StageResult
-from stagediff.stages.compiled import CompileCache, compile_denoiser, shape_of
+from stagediff.stages.compiled import CompileCache, compile_denoiser, compile_mode, shape_of
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count, device_map_of, torch_dtype
 from stagediff.stages.loading import empty_denoiser, load_denoiser_model, load_pipeline
 from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
@@ -85,8 +85,10 @@ def denoise(job: DenoiseJob) -> StageResult:
     def load():
         pipe, device_map = load_denoiser(ctx)
         if ctx.compile:
-            compiled.append(CompileCache(ctx, store))
-            compile_denoiser(ctx, getattr(pipe, family.denoiser))
+            denoiser = getattr(pipe, family.denoiser)
+            mode = compile_mode(ctx, denoiser)
+            compiled.append(CompileCache(ctx, store, mode))
+            compile_denoiser(denoiser, mode)
         return pipe, device_map
 
     models = Loaded(load, result, "denoise")
