@@ -116,7 +116,7 @@ def test_compile_with_group_offload_compiles_the_blocks_in_pieces_and_runs(
     from diffusers import FluxTransformer2DModel
 
     from stagediff.jobs import StageContext
-    from stagediff.stages.compiled import compile_denoiser, compile_mode
+    from stagediff.stages.compiled import compile_blocks, compile_mode
 
     ctx = StageContext(str(tiny_model), str(tmp_path), str(tmp_path / "store"), "float32", compile=True,
                        group_offload=offload)  # fmt: skip
@@ -137,7 +137,7 @@ def test_compile_with_group_offload_compiles_the_blocks_in_pieces_and_runs(
         exact = denoiser(**inputs).sample
         denoiser.enable_group_offload(cpu, offload_device=cpu, offload_type=f"{offload}_level",
                                       num_blocks_per_group=1 if offload == "block" else None)  # fmt: skip
-        assert compile_mode(ctx, denoiser) == "pieces" and compile_denoiser(denoiser, "pieces") > 0
+        assert compile_mode(ctx, denoiser) == "pieces" and compile_blocks(denoiser, "pieces") > 0
         compiled = denoiser(**inputs).sample
     torch.testing.assert_close(compiled, exact, rtol=1e-4, atol=1e-5)
 

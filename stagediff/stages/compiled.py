@@ -21,7 +21,7 @@ import secrets
 import shutil
 import sys
 import tarfile
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -31,6 +31,7 @@ from stagediff.stages.work import log, metadata
 
 # Denoisers without diffusers' `_repeated_blocks`: the blocks compiled instead
 REPEATED_BLOCKS = {"SD3Transformer2DModel": ["JointTransformerBlock"]}
+CompileMode = Literal["whole", "pieces", "forward"]  # see compile_mode
 RECOMPILE_LIMIT = 64  # static shapes: one graph per batch shape (a chunk's last batch is smaller)
 
 
@@ -42,7 +43,7 @@ def device_kind() -> str:
     return f"cpu:{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}"
 
 
-def compile_key(ctx: StageContext, mode: str) -> str:
+def compile_key(ctx: StageContext, mode: CompileMode) -> str:
     """The store key of the compiled code of this denoiser, as this process would compile it (`compile_mode`)."""
     import diffusers
 
@@ -56,24 +57,24 @@ def compile_key(ctx: StageContext, mode: str) -> str:
     })  # fmt: skip
 
 
-def compile_blocks(denoiser: torch.nn.Module, fullgraph: bool = True, own_forward: bool = False) -> int:
-    """Compile each repeated block of `denoiser` in place (as `compile_repeated_blocks(fullgraph=True)` does),
-    static shapes; returns how many. `own_forward`: compile each block's `forward` rather than its call, so that
-    hooks registered later wrap compiled code. ValueError when the class has no repeated blocks."""
+def compile_blocks(denoiser: torch.nn.Module, mode: CompileMode = "whole") -> int:
+    """Compile each repeated block of `denoiser` in place, static shapes, the `compile_mode` way ("whole": as
+    `compile_repeated_blocks(fullgraph=True)` does); returns how many. ValueError when the class has no repeated
+    blocks."""
     names = getattr(denoiser, "_repeated_blocks", None) or REPEATED_BLOCKS.get(type(denoiser).__name__)
     if not names:
         raise ValueError(f"{type(denoiser).__name__} declares no repeated blocks to compile")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     blocks = [module for module in denoiser.modules() if type(module).__name__ in names]
     for block in blocks:
-        if own_forward:
-            block.forward = torch.compile(block.forward, fullgraph=fullgraph, dynamic=False)
+        if mode == "forward":  # its own forward, in pieces: hooks registered later wrap compiled code
+            block.forward = torch.compile(block.forward, dynamic=False)
         else:
-            block.compile(fullgraph=fullgraph, dynamic=False)
+            block.compile(fullgraph=mode == "whole", dynamic=False)
     return len(blocks)
 
 
-def compile_mode(ctx: StageContext, denoiser: torch.nn.Module) -> str:
+def compile_mode(ctx: StageContext, denoiser: torch.nn.Module) -> CompileMode:
     """How `--compile` compiles the loaded denoiser's blocks (each way compiles other graphs: part of the key).
     The compiler must not trace offload hooks (accelerate's, for blocks in CPU memory, on disk or over several
     GPUs; diffusers' group offloading): hooked blocks are compiled in "pieces" around them. The block caches'
@@ -85,16 +86,11 @@ def compile_mode(ctx: StageContext, denoiser: torch.nn.Module) -> str:
     return "forward" if ctx.cache else "whole"
 
 
-def compile_denoiser(denoiser: torch.nn.Module, mode: str) -> int:
-    """Compile the denoiser's blocks the `compile_mode` way; returns how many."""
-    return compile_blocks(denoiser, fullgraph=mode == "whole", own_forward=mode == "forward")
-
-
 class CompileCache:
     """This process's inductor cache folder for `ctx`'s denoiser: taken from the machine's folder for the key,
     else from the store; after the stage, given to the store if the store lacks it."""
 
-    def __init__(self, ctx: StageContext, store: Store, mode: str) -> None:
+    def __init__(self, ctx: StageContext, store: Store, mode: CompileMode) -> None:
         from stagediff.default_model import cache_dir
 
         self.ctx, self.store, self.key = ctx, store, compile_key(ctx, mode)

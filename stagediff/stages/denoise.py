@@ -11,7 +11,7 @@ import torch
 from stagediff.artifacts import Store
 from stagediff.family import family_for, vae_scale_factor
 from stagediff.jobs import DenoiseItem, DenoiseJob, ItemRef, StageContext, StageResult
-from stagediff.stages.compiled import CompileCache, compile_denoiser, compile_mode, shape_of
+from stagediff.stages.compiled import CompileCache, compile_blocks, compile_mode, shape_of
 from stagediff.stages.devices import accelerate_max_memory, accelerator_count, device_map_of, torch_dtype
 from stagediff.stages.loading import empty_denoiser, load_denoiser_model, load_pipeline
 from stagediff.stages.work import Loaded, batches, done, load_tensors, log, metadata
@@ -88,7 +88,7 @@ def denoise(job: DenoiseJob) -> StageResult:
             denoiser = getattr(pipe, family.denoiser)
             mode = compile_mode(ctx, denoiser)
             compiled.append(CompileCache(ctx, store, mode))
-            compile_denoiser(denoiser, mode)
+            compile_blocks(denoiser, mode)
         return pipe, device_map
 
     models = Loaded(load, result, "denoise")
